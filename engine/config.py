@@ -1,0 +1,70 @@
+"""Engine configuration: one small dataclass per concern, validated on construction.
+
+Nothing here reads environment variables; the CLI turns flags into these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """KV cache sizing. The cache is preallocated once, so its size is a hard byte budget."""
+
+    block_size: int = 16  # tokens per KV block; small blocks waste less on short sequences
+    kv_cache_bytes: int = 512 << 20  # keys + values of every layer; 512 MiB holds ~28k SmolLM2 tokens in fp32
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """What runs in one step."""
+
+    # Token budget per step: prefill chunks and decodes share it. Larger budgets keep the matmuls
+    # wide (throughput); smaller ones bound the time of one step (latency of running requests).
+    max_num_batched_tokens: int = 256
+    max_num_seqs: int = 128  # running requests at once
+    # "static" admits a new batch only when the previous one has fully finished. It exists only
+    # as the baseline the benchmarks compare continuous batching against.
+    mode: Literal["continuous", "static"] = "continuous"
+    # Keep this fraction of KV blocks free when admitting new requests, so running requests can
+    # grow for a while without being preempted right after a new one is admitted.
+    admission_watermark: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be at least 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.mode not in ("continuous", "static"):
+            raise ValueError(f"mode must be 'continuous' or 'static', got {self.mode!r}")
+        if not 0.0 <= self.admission_watermark < 1.0:
+            raise ValueError("admission_watermark must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start."""
+
+    model: str | None = None  # local HF directory, s3://bucket/prefix, or None for the built-in model
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: int | None = None  # context length; default: the model's, capped at 8192
+    seed: int = 0  # seeds requests that do not bring their own seed
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")

@@ -1,0 +1,3 @@
+"""Shared fixtures live in tests/plugins/, one module per concern."""
+
+pytest_plugins = ["tests.plugins.tiny_models", "tests.plugins.s3"]
