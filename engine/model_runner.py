@@ -1,0 +1,158 @@
+"""Weights, KV cache tensors and the forward pass for one scheduler step. Knows nothing of HTTP.
+
+`execute(out)` turns a `SchedulerOutput` into packed tensors, runs the model once and samples
+one token for every request whose chunk reached the end of its known tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from .attention import AttentionGroup, AttentionMetadata, build_group
+from .config import EngineConfig
+from .kv_cache import bytes_per_block
+from .model import CausalLM, ModelShape, StepInputs, rope_inv_freq
+from .request import Request
+from .sampler import sample
+from .scheduler import ScheduledChunk, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> tuple[CausalLM, object]:
+    """Build the model from a HF directory's config.json and *.safetensors (never pickle)."""
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    shape = ModelShape.from_hf(hf_config)
+    inv_freq, rope_scaling = rope_inv_freq(hf_config)
+    with torch.device("meta"):
+        model = CausalLM(shape, inv_freq.to("meta"), rope_scaling)
+    state: dict[str, torch.Tensor] = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                state[name] = f.get_tensor(name).to(dtype)
+    if shape.tie_word_embeddings:  # a tied checkpoint may store either name
+        tied = state.get("lm_head.weight", state.get("model.embed_tokens.weight"))
+        if tied is not None:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"] = tied
+    expected = set(model.state_dict())
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing:
+        raise ValueError(
+            f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
+        )
+    if unexpected:
+        log.warning("ignoring %d unexpected tensors, e.g. %s", len(unexpected), sorted(unexpected)[:3])
+        state = {k: v for k, v in state.items() if k in expected}
+    model.load_state_dict(state, assign=True)
+    model.inv_freq = inv_freq.to(device)
+    return model.to(device).eval(), hf_config
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path, config: EngineConfig) -> None:
+        self.device = torch.device(config.device)
+        self.dtype = TORCH_DTYPES[config.dtype]
+        self.model, self.hf_config = load_model(model_dir, self.dtype, self.device)
+        s = self.model.shape
+        self.shape = s
+        self.max_model_len = min(
+            config.max_model_len or min(s.max_position_embeddings, 8192), s.max_position_embeddings
+        )
+        self.block_size = config.cache.block_size
+        per_block = bytes_per_block(
+            s.num_layers, s.num_kv_heads, s.head_dim, self.block_size, self.dtype.itemsize
+        )
+        self.num_blocks = config.cache.kv_cache_bytes // per_block
+        if self.num_blocks * self.block_size < self.max_model_len:
+            need = -(-self.max_model_len // self.block_size) * per_block
+            raise ValueError(
+                f"kv_cache_bytes={config.cache.kv_cache_bytes} cannot hold one {self.max_model_len}-token sequence; "
+                f"raise it to at least {need} or lower max_model_len"
+            )
+        # One scratch block past the end absorbs padded block-table entries.
+        cache_shape = (s.num_kv_heads, self.num_blocks + 1, self.block_size, s.head_dim)
+        for layer in self.model.model.layers:
+            layer.self_attn.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+            layer.self_attn.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+        self.default_generator = torch.Generator().manual_seed(config.seed)
+        self._generators: dict[str, torch.Generator] = {}
+        log.info(
+            "model %s: %d layers, %s, KV cache %d blocks x %d tokens (%.0f MiB)",
+            s.model_type, s.num_layers, config.dtype, self.num_blocks, self.block_size,
+            self.num_blocks * per_block / 2**20,
+        )  # fmt: skip
+
+    # -- per step -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        inputs, sample_rows, sampling = self._prepare(out.chunks)
+        hidden = self.model(inputs)
+        if not sample_rows:
+            return {}
+        logits = self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=self.device)))
+        reqs = [c.request for c in sampling]
+        tokens = sample(logits.cpu(), [r.params for r in reqs], [self._generator(r) for r in reqs])
+        return {r.request_id: t for r, t in zip(reqs, tokens)}
+
+    def release(self, request: Request) -> None:
+        self._generators.pop(request.request_id, None)
+
+    def _generator(self, req: Request) -> torch.Generator:
+        if req.params.seed is None:
+            return self.default_generator
+        gen = self._generators.get(req.request_id)
+        if gen is None:
+            gen = self._generators[req.request_id] = torch.Generator().manual_seed(req.params.seed)
+        return gen
+
+    def _prepare(self, chunks: list[ScheduledChunk]):
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        groups: dict[bool, tuple[list, list, list, list]] = {True: ([], [], [], []), False: ([], [], [], [])}
+        sample_rows: list[int] = []
+        sampling: list[ScheduledChunk] = []
+        for c in chunks:
+            row0, end = len(ids), c.start + c.num_tokens
+            ids += c.request.all_token_ids[c.start : end]
+            positions += range(c.start, end)
+            slots += [c.block_table[p // bs] * bs + p % bs for p in range(c.start, end)]
+            rows, q_lens, ctx_lens, tables = groups[c.num_tokens == 1]
+            rows.append(list(range(row0, len(ids))))
+            q_lens.append(c.num_tokens)
+            ctx_lens.append(end)
+            tables.append(c.block_table)
+            if c.samples:
+                sample_rows.append(len(ids) - 1)
+                sampling.append(c)
+        attn_groups: list[AttentionGroup] = [
+            build_group(
+                *g,
+                block_size=bs,
+                scratch_block=self.num_blocks,
+                num_kv_heads=self.shape.num_kv_heads,
+                group_size=self.shape.num_heads // self.shape.num_kv_heads,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for g in groups.values()
+            if g[0]
+        ]
+        meta = AttentionMetadata(torch.tensor(slots, device=self.device), attn_groups)
+        inputs = StepInputs(
+            torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta
+        )
+        return inputs, sample_rows, sampling
