@@ -34,7 +34,7 @@ typecheck: setup
 	ln -s $(CURDIR)/operator build/typecheck/lorafleet/operator
 	ln -s $(CURDIR)/bench build/typecheck/lorafleet/bench
 	cd build/typecheck && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
-		--namespace-packages --explicit-package-bases -p lorafleet.engine -p lorafleet.bench
+		--namespace-packages --explicit-package-bases -p lorafleet.engine -p lorafleet.operator -p lorafleet.bench
 
 test: setup lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -20,9 +20,15 @@ MiB = 1 << 20
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that starts an engine."""
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", help="HF model directory or s3://bucket/prefix (default: built-in SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight and KV cache dtype (default float32)")
-    g.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's, at most 8192)")
+    g.add_argument(
+        "--model", help="HF model directory or s3://bucket/prefix (default: built-in SmolLM2-135M-Instruct)"
+    )
+    g.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="weight and KV cache dtype (default float32)"
+    )
+    g.add_argument(
+        "--max-model-len", type=int, help="context length in tokens (default: the model's, at most 8192)"
+    )
     g.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache budget in MiB (default 512)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     g.add_argument(
@@ -39,7 +45,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         seed=args.seed,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_mib * MiB),
-        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs
+        ),
     )
 
 
@@ -66,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorafleet",
         description="Serve many LoRA adapters over shared base models: engine, local stack, benchmarks, operator.",
     )
-    parser.add_argument("--log-level", default=os.environ.get("LORAFLEET_LOG_LEVEL", "INFO"), help="default INFO")
+    parser.add_argument(
+        "--log-level", default=os.environ.get("LORAFLEET_LOG_LEVEL", "INFO"), help="default INFO"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     eng = sub.add_parser(
@@ -114,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

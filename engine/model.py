@@ -167,8 +167,14 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return list(self.layers)  # type: ignore[arg-type]  # ModuleList iterates as Module
+
 
 class CausalLM(nn.Module):
+    model: Backbone
+    inv_freq: torch.Tensor
+
     def __init__(self, s: ModelShape, inv_freq: torch.Tensor, rope_scaling: float = 1.0) -> None:
         super().__init__()
         self.shape = s

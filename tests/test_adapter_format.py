@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from safetensors.numpy import save
+
 from lorafleet.engine.adapter_format import (
     CONFIG_NAME,
     SMOLLM2_135M,
@@ -22,7 +24,6 @@ from lorafleet.engine.adapter_format import (
     parse_safetensors_header,
     validate_adapter_dir,
 )
-from safetensors.numpy import save
 
 TINY = BaseModelSpec(
     "org/tiny",

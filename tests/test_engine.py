@@ -7,11 +7,12 @@ import random
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from lorafleet.engine.async_engine import AsyncEngine
 from lorafleet.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from lorafleet.engine.llm_engine import LLMEngine
 from lorafleet.engine.request import FinishReason, InvalidRequest, SamplingParams
-from transformers import AutoModelForCausalLM
 
 TEXTS = [
     "The quick brown",

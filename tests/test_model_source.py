@@ -14,6 +14,9 @@ import pytest
 import torch
 from botocore.exceptions import EndpointConnectionError
 from botocore.response import StreamingBody
+from safetensors.torch import save as save_safetensors
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from lorafleet.engine.model_source import (
     BUILTIN_DIR_NAME,
     ModelSourceError,
@@ -23,8 +26,6 @@ from lorafleet.engine.model_source import (
 )
 from lorafleet.engine.s3 import MANIFEST_NAME, S3Client, S3SourceError, parse_s3_uri, safe_name
 from lorafleet.engine.weed import WeedS3
-from safetensors.torch import save as save_safetensors
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PREFIX = "models/tiny"
 

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from lorafleet.engine.registry import (
     Registry,
     RegistryEntry,

@@ -8,6 +8,7 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
+
 from lorafleet.engine.s3 import S3Client, make_s3_client
 from lorafleet.engine.weed import REGION, WeedS3
 

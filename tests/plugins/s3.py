@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from lorafleet.engine.s3 import S3Client
 from lorafleet.engine.weed import WeedS3
 
