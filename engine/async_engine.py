@@ -111,7 +111,7 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     self._publish(self.engine.step())
                 self.num_running = len(self.engine.scheduler.running)
-                self.num_waiting = len(self.engine.scheduler.waiting)
+                self.num_waiting = self.engine.scheduler.num_waiting
         except BaseException as e:  # a bug: fail every open request loudly, then stop
             log.exception("engine loop crashed")
             for sub in self._sinks.values():

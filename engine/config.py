@@ -52,6 +52,21 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving. The slots are what one forward pass can mix; adapters beyond them wait
+    in their queues (and in the CPU/disk tiers) until a slot frees up."""
+
+    max_loras: int = 8  # adapter slots: distinct adapters in one step
+    max_rank: int = 64  # adapters with a higher rank are refused
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError("max_loras must be at least 1")
+        if not 1 <= self.max_rank <= 1024:
+            raise ValueError(f"max_rank must be between 1 and 1024, got {self.max_rank}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to start."""
 
@@ -62,6 +77,7 @@ class EngineConfig:
     seed: int = 0  # seeds requests that do not bring their own seed
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig | None = None  # None: no adapters, and no LoRA cost in the forward pass
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -11,16 +11,17 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from transformers import AutoTokenizer, GenerationConfig
 
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .kv_cache import KVCacheManager
+from .lora import LoRAWeights
 from .model_runner import ModelRunner
 from .request import FinishReason, InvalidRequest, Request, SamplingParams
-from .scheduler import Scheduler
+from .scheduler import AdapterPort, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,14 @@ class RequestOutput:
     error: str | None = None
 
 
+class AdapterSource(AdapterPort, Protocol):
+    """The adapter store as the engine sees it (see `adapters.ServedAdapters`)."""
+
+    def key_of(self, name: str) -> str: ...  # adapter name -> versioned key; InvalidRequest if unknown
+
+    def get(self, adapter: str) -> LoRAWeights | None: ...
+
+
 def eos_token_ids(model_dir: Path, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
     try:
@@ -54,7 +63,9 @@ def eos_token_ids(model_dir: Path, tokenizer: Any) -> set[int]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_dir: Path | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, model_dir: Path | None = None, adapters: AdapterSource | None = None
+    ) -> None:
         if model_dir is None:
             from .model_source import default_cache_dir, resolve_model
 
@@ -67,7 +78,11 @@ class LLMEngine:
         self.vocab_size = self.runner.shape.vocab_size
         self.kv = KVCacheManager(self.runner.num_blocks, self.runner.block_size)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
+        self.adapters = adapters
+        slots = config.lora.max_loras if config.lora else 0
+        self.scheduler = Scheduler(
+            config.scheduler, self.kv, self.max_model_len, self.eos_token_ids, adapters, num_slots=slots
+        )
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
@@ -80,7 +95,7 @@ class LLMEngine:
             out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as e:  # the template raises on malformed conversations
             raise InvalidRequest(f"cannot apply the chat template: {e}") from e
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        ids: Any = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out  # type: ignore[call-overload,index]
         return list(ids)
 
     def add_request(
@@ -99,6 +114,10 @@ class LLMEngine:
             )
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})")
+        if adapter_id is not None:
+            if self.adapters is None or self.config.lora is None:
+                raise InvalidRequest("this engine serves the base model only: it has no adapters")
+            adapter_id = self.adapters.key_of(adapter_id)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
@@ -122,19 +141,24 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        failed = [self._output(r, [], "", finalize=True, error=msg) for r, msg in out.failed]
         if not out.chunks:
-            return []
+            return failed
         try:
+            for slot, _, weights in out.slot_loads:
+                self.runner.load_lora(slot, weights)
             sampled = self.runner.execute(out)
         except Exception as e:
             log.exception("step failed; ending its %d requests", len(out.chunks))
-            outputs = []
+            outputs = failed
+            for slot, _, _ in out.slot_loads:
+                self.scheduler.slots.forget(slot)  # its contents are unknown now
             for chunk in out.chunks:
                 self.scheduler.finish(chunk.request, FinishReason.ERROR)
                 outputs.append(self._output(chunk.request, [], "", finalize=True, error=str(e)))
             return outputs
         self.scheduler.update(out, sampled)
-        outputs = []
+        outputs = failed
         for chunk in out.chunks:
             req = chunk.request
             token = sampled.get(req.request_id)

@@ -16,6 +16,7 @@ from transformers import AutoConfig
 from .attention import AttentionGroup, AttentionMetadata, build_group
 from .config import EngineConfig
 from .kv_cache import bytes_per_block
+from .lora import LoRABatch, LoRALinear, LoRAWeights, add_lora_slots
 from .model import CausalLM, ModelShape, StepInputs, rope_inv_freq
 from .request import Request
 from .sampler import sample
@@ -82,9 +83,15 @@ class ModelRunner:
             )
         # One scratch block past the end absorbs padded block-table entries.
         cache_shape = (s.num_kv_heads, self.num_blocks + 1, self.block_size, s.head_dim)
-        for layer in self.model.model.layers:
+        for layer in self.model.model.decoder_layers():
             layer.self_attn.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+        self.lora_batch = LoRABatch()
+        self.lora_layers: dict[tuple[int, str], LoRALinear] = {}
+        if config.lora is not None:
+            self.lora_batch, self.lora_layers = add_lora_slots(
+                self.model, config.lora.max_loras, config.lora.max_rank
+            )
         self.default_generator = torch.Generator().manual_seed(config.seed)
         self._generators: dict[str, torch.Generator] = {}
         log.info(
@@ -96,8 +103,20 @@ class ModelRunner:
     # -- per step -------------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def load_lora(self, slot: int, adapter: LoRAWeights) -> None:
+        """Copy an adapter into a slot of every projection (zeros where it has no weights)."""
+        for key, layer in self.lora_layers.items():
+            ab = adapter.weights.get(key)
+            if ab is None:
+                layer.reset_lora(slot)
+            else:
+                layer.set_lora(slot, ab[0].to(self.dtype), ab[1].to(self.dtype), adapter.scale)
+
+    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        inputs, sample_rows, sampling = self._prepare(out.chunks)
+        # Each adapter's tokens form one contiguous segment; base-model tokens come first.
+        chunks = sorted(out.chunks, key=lambda c: -1 if c.slot is None else c.slot)
+        inputs, sample_rows, sampling = self._prepare(chunks)
         hidden = self.model(inputs)
         if not sample_rows:
             return {}
@@ -125,8 +144,14 @@ class ModelRunner:
         groups: dict[bool, tuple[list, list, list, list]] = {True: ([], [], [], []), False: ([], [], [], [])}
         sample_rows: list[int] = []
         sampling: list[ScheduledChunk] = []
+        segments: list[tuple[int, int, int]] = []
         for c in chunks:
             row0, end = len(ids), c.start + c.num_tokens
+            if c.slot is not None:
+                if segments and segments[-1][0] == c.slot:
+                    segments[-1] = (c.slot, segments[-1][1], row0 + c.num_tokens)
+                else:
+                    segments.append((c.slot, row0, row0 + c.num_tokens))
             ids += c.request.all_token_ids[c.start : end]
             positions += range(c.start, end)
             slots += [c.block_table[p // bs] * bs + p % bs for p in range(c.start, end)]
@@ -151,6 +176,7 @@ class ModelRunner:
             for g in groups.values()
             if g[0]
         ]
+        self.lora_batch.segments = segments
         meta = AttentionMetadata(torch.tensor(slots, device=self.device), attn_groups)
         inputs = StepInputs(
             torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta

@@ -3,20 +3,37 @@
 There are no prefill and decode phases: every request has tokens whose KV is not yet cached
 (`num_tokens - num_computed_tokens`), and each step hands out up to `max_num_batched_tokens`
 of them. Running requests go first, in arrival order, so a long prompt is chunked across steps
-while decodes keep flowing; waiting requests join as soon as blocks and budget allow. When the
-KV cache is full, the newest running request is preempted and later recomputed from scratch.
+while decodes keep flowing. Waiting requests sit in one queue per adapter and are admitted
+round-robin across adapters, so a flood for one adapter cannot starve a trickle for another.
+An adapter's requests are admitted only once its weights are loaded and it holds one of the
+fixed LoRA slots; a cold adapter's load is started here and its queue simply waits meanwhile.
+When the KV cache is full, the newest running request is preempted and later recomputed.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from .adapter_slots import SlotTable
 from .config import SchedulerConfig
 from .kv_cache import KVCacheManager
 from .request import FinishReason, Request, Status
+
+PREFETCH_DEPTH = 4  # queues looked ahead of their turn to start adapter loads early
+
+
+class AdapterPort(Protocol):
+    """What the scheduler asks of the adapter store, keyed by `Request.adapter_id`."""
+
+    def get(self, adapter: str) -> Any | None: ...  # its weights if they are in memory now, else None
+
+    def load(self, adapter: str) -> None: ...  # start a background load if none runs (idempotent)
+
+    def error(self, adapter: str) -> str | None: ...  # why the last load failed, if it did
 
 
 @dataclass
@@ -26,12 +43,16 @@ class ScheduledChunk:
     num_tokens: int  # tokens computed in this step
     block_table: list[int]  # the request's KV blocks (a live view; do not mutate)
     samples: bool  # the chunk reaches the end of the known tokens, so the step samples a new one
+    slot: int | None = None  # LoRA slot of the request's adapter
 
 
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # (slot, adapter, weights from AdapterPort.get) to fill before running
+    slot_loads: list[tuple[int, str, Any]] = field(default_factory=list)
+    failed: list[tuple[Request, str]] = field(default_factory=list)  # ended here because their adapter failed
 
     @property
     def num_tokens(self) -> int:
@@ -45,24 +66,41 @@ class Scheduler:
         kv: KVCacheManager,
         max_model_len: int,
         eos_token_ids: Iterable[int] = (),
+        adapters: AdapterPort | None = None,
+        num_slots: int = 0,
     ) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting: deque[Request] = deque()
+        self.adapters = adapters
+        self.slots = SlotTable(num_slots)
+        self.queues: dict[str | None, deque[Request]] = {}  # per adapter (None: the base model)
+        self._turns: deque[str | None] = deque()  # adapters with waiting requests, in round-robin order
         self.running: list[Request] = []
         self._reserve = int(config.admission_watermark * kv.num_blocks)
         self.num_preemptions = 0  # since start, for metrics
 
     # -- intake ---------------------------------------------------------------------------------
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request, front: bool = False) -> None:
         request.status = Status.WAITING
-        self.waiting.append(request)
+        queue = self.queues.get(request.adapter_id)
+        if queue is None:
+            queue = self.queues[request.adapter_id] = deque()
+            self._turns.append(request.adapter_id)
+        queue.appendleft(request) if front else queue.append(request)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def waiting(self) -> Iterator[Request]:
+        for q in self.queues.values():
+            yield from q
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.queues or self.running)
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Finish a request wherever it is (cancel, stop string, error). Idempotent."""
@@ -70,8 +108,10 @@ class Scheduler:
             return
         if request.status is Status.RUNNING:
             self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+            self.slots.release(request.adapter_id)
+        elif request.adapter_id in self.queues and request in self.queues[request.adapter_id]:
+            self.queues[request.adapter_id].remove(request)
+            self._drop_if_empty(request.adapter_id)
         self.kv.free(request.request_id)
         request.status = Status.FINISHED
         request.finish_reason = reason
@@ -100,19 +140,65 @@ class Scheduler:
             i += 1
 
         # Admitting while preempting would thrash; static mode admits only into an empty batch.
-        admit = not out.preempted and not (self.config.mode == "static" and self.running)
-        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+        if not out.preempted and not (self.config.mode == "static" and self.running):
+            self._admit(out, budget)
+        self._prefetch()
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        skipped = 0  # adapters visited in a row that could not admit anything
+        while budget > 0 and len(self.running) < self.config.max_num_seqs and skipped < len(self._turns):
+            adapter = self._turns[0]
+            self._turns.rotate(-1)
+            if adapter is not None and not self._slot_ready(adapter, out):
+                skipped += 1
+                continue
+            req = self.queues[adapter][0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             reserve = self._reserve if self.running else 0  # an empty batch may use every block
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n, reserve):
-                break
-            self.waiting.popleft()
+                return  # out of KV memory: nobody else fits either
+            self.queues[adapter].popleft()
+            self._drop_if_empty(adapter)
             req.status = Status.RUNNING
             self.running.append(req)
+            self.slots.acquire(adapter)
             out.chunks.append(self._chunk(req, n))
             budget -= n
-        return out
+            skipped = 0
+
+    def _slot_ready(self, adapter: str, out: SchedulerOutput) -> bool:
+        """True when the adapter holds a slot (claiming one if its weights are loaded)."""
+        if self.slots.slot_of(adapter) is not None:
+            return True
+        if self.adapters is None:
+            raise RuntimeError(f"request for adapter {adapter!r} but the engine has no adapter store")
+        error = self.adapters.error(adapter)
+        if error is not None:
+            for req in list(self.queues[adapter]):
+                self.finish(req, FinishReason.ERROR)
+                out.failed.append((req, error))
+            return False
+        weights = self.adapters.get(adapter)
+        if weights is None:
+            self.adapters.load(adapter)
+            return False
+        slot = self.slots.assign(adapter)
+        if slot is None:
+            return False  # every slot serves running requests
+        out.slot_loads.append((slot, adapter, weights))
+        return True
+
+    def _prefetch(self) -> None:
+        if self.adapters is None:
+            return
+        for adapter in list(self._turns)[:PREFETCH_DEPTH]:
+            if (
+                adapter is not None
+                and self.slots.slot_of(adapter) is None
+                and self.adapters.get(adapter) is None
+            ):
+                self.adapters.load(adapter)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Record the step's results. `sampled` maps request id to its new token.
@@ -141,16 +227,24 @@ class Scheduler:
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
-        return ScheduledChunk(req, start, n, self.kv.block_table(req.request_id), start + n == req.num_tokens)
+        slot = None if req.adapter_id is None else self.slots.slot_of(req.adapter_id)
+        return ScheduledChunk(
+            req, start, n, self.kv.block_table(req.request_id), start + n == req.num_tokens, slot
+        )
+
+    def _drop_if_empty(self, adapter: str | None) -> None:
+        if not self.queues[adapter]:
+            del self.queues[adapter]
+            self._turns.remove(adapter)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        self.slots.release(req.adapter_id)
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0  # recompute: the prompt and the outputs so far become the prompt
         req.num_preemptions += 1
         self.num_preemptions += 1
-        req.status = Status.WAITING
-        self.waiting.appendleft(req)
+        self.add(req, front=True)
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         params = req.params

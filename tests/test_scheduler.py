@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from lorafleet.engine.config import SchedulerConfig
 from lorafleet.engine.kv_cache import KVCacheManager
 from lorafleet.engine.request import FinishReason, Request, SamplingParams, Status
@@ -111,7 +112,7 @@ def test_max_num_seqs_bounds_the_running_batch():
     for i in range(5):
         s.add(req(f"r{i}"))
     out, _ = fake_step(s)
-    assert len(out.chunks) == 3 and len(s.waiting) == 2
+    assert len(out.chunks) == 3 and s.num_waiting == 2
 
 
 def test_preemption_when_blocks_run_out_and_recompute_later():
@@ -199,7 +200,7 @@ def test_thousands_of_requests_with_random_cancels_leave_every_block_free(seed):
         live = [x for x in live if not x.finished]
         owned = sum(len(s.kv.block_table(x.request_id)) for x in s.running)
         assert owned + s.kv.num_free_blocks == s.kv.num_blocks
-        assert all(not s.kv.block_table(x.request_id) for x in s.waiting if x.num_computed_tokens == 0)
+        assert all(not s.kv.block_table(x.request_id) for x in s.waiting())
     run_all(s)
     assert s.kv.num_free_blocks == s.kv.num_blocks
     assert s.kv.usage == 0.0

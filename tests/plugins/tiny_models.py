@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -70,6 +78,31 @@ def make_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
                 p.mul_(8.0)
     model.save_pretrained(path)
     return path
+
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(
+    base_dir: Path,
+    out: Path,
+    rank: int,
+    alpha: int,
+    rslora: bool = False,
+    targets: list[str] = ALL,
+    seed: int = 0,
+) -> Path:
+    """A PEFT LoRA adapter of `base_dir` with random A and B, saved as PEFT saves it."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=targets, lora_dropout=0.0)
+    peft = get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:  # PEFT starts B at zero; make every adapter change the output
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    peft.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

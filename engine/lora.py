@@ -1,0 +1,95 @@
+"""Batched multi-LoRA over stacked slot tensors: many adapters in one forward pass.
+
+Each `LoRALinear` wraps a base `nn.Linear` (never merged, never copied) and holds every slot's
+A and B for that projection. The runner groups the packed batch by slot, so each adapter's
+tokens are one contiguous segment, and writes the segments into the shared `LoRABatch` before
+the forward pass. The delta costs each token only its own adapter's rank (SGMV semantics);
+tokens without an adapter skip it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .model import PROJECTIONS, CausalLM
+
+
+class LoRAWeights(Protocol):
+    """An adapter's weights in memory, as the adapter store hands them over (read only)."""
+
+    @property
+    def scale(self) -> float: ...  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+
+    @property
+    def weights(
+        self,
+    ) -> dict[
+        tuple[int, str], tuple[torch.Tensor, torch.Tensor]
+    ]: ...  # (layer, proj) -> (A [r, in], B [out, r])
+
+
+@dataclass
+class LoRABatch:
+    """This step's token segments: (slot, start row, end row). Shared by every LoRALinear."""
+
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, batch: LoRABatch, num_slots: int, max_rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.batch = batch
+        dtype, device = base.weight.dtype, base.weight.device
+        # A is stored [slot, rank, in] and B [slot, rank, out] so that a rank-r prefix is contiguous.
+        self.lora_a = torch.zeros(num_slots, max_rank, base.in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(num_slots, max_rank, base.out_features, dtype=dtype, device=device)
+        self.ranks = [0] * num_slots  # 0: the slot's adapter does not target this projection
+        self.scales = [0.0] * num_slots
+
+    def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Load A [r, in] and B [out, r] into `slot`."""
+        r = a.shape[0]
+        if a.shape != (r, self.base.in_features) or b.shape != (self.base.out_features, r):
+            raise ValueError(f"LoRA shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit {self.base}")
+        self.reset_lora(slot)
+        self.lora_a[slot, :r] = a
+        self.lora_b[slot, :r] = b.T
+        self.ranks[slot], self.scales[slot] = r, scale
+
+    def reset_lora(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.ranks[slot], self.scales[slot] = 0, 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Semantics: y[i] = base(x[i]) + scale[s] * (x[i] @ A[s].T) @ B[s].T, s = slot of token i."""
+        y = self.base(x)
+        for slot, start, end in self.batch.segments:
+            r = self.ranks[slot]
+            if r:
+                shrunk = x[start:end] @ self.lora_a[slot, :r].T
+                y[start:end].addmm_(shrunk, self.lora_b[slot, :r], alpha=self.scales[slot])
+        return y
+
+
+def add_lora_slots(
+    model: CausalLM, num_slots: int, max_rank: int
+) -> tuple[LoRABatch, dict[tuple[int, str], LoRALinear]]:
+    """Swap every projection of every decoder layer for a LoRALinear; return the shared batch
+    state and the layers by (layer index, projection name)."""
+    batch = LoRABatch()
+    layers: dict[tuple[int, str], LoRALinear] = {}
+    for i, layer in enumerate(model.model.decoder_layers()):
+        for parent in (layer.self_attn, layer.mlp):
+            for name in PROJECTIONS:
+                base = getattr(parent, name, None)
+                if isinstance(base, nn.Linear):
+                    wrapped = LoRALinear(base, batch, num_slots, max_rank)
+                    setattr(parent, name, wrapped)
+                    layers[(i, name)] = wrapped
+    return batch, layers
