@@ -1,0 +1,37 @@
+"""The system under test: LoRAFleet's engine, in continuous or static scheduling mode."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from lorafleet.engine.config import EngineConfig, SchedulerConfig
+from lorafleet.engine.llm_engine import LLMEngine
+from lorafleet.engine.request import SamplingParams
+
+from .stats import RequestTiming, SystemRun
+
+
+class LoRAFleetSystem:
+    """One engine, built once (model load and KV cache allocation are not timed), run many times."""
+
+    def __init__(self, model_dir: Path, dtype: str, mode: Literal["continuous", "static"]) -> None:
+        config = EngineConfig(model=str(model_dir), dtype=dtype, scheduler=SchedulerConfig(mode=mode))
+        self.engine = LLMEngine(config)
+
+    def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> SystemRun:
+        """Greedy generation of every prompt, all submitted at once."""
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+        start = time.monotonic()  # the engine stamps requests with time.monotonic()
+        outputs = self.engine.generate([list(p) for p in prompts], params)
+        seconds = time.monotonic() - start
+        failed = [o for o in outputs if o.error or o.first_token_time is None or o.finish_time is None]
+        if failed:
+            raise RuntimeError(f"{len(failed)} requests failed in the engine, e.g. {failed[0].error!r}")
+        timings = [
+            RequestTiming(len(o.token_ids), o.first_token_time - start, o.finish_time - start)  # type: ignore[operator]
+            for o in outputs
+        ]
+        return SystemRun([list(o.token_ids) for o in outputs], timings, seconds)

@@ -1,0 +1,78 @@
+"""What the machine can do: matmul FLOP/s for a dtype, plus the facts that explain a run.
+
+A decode step of a small model is a handful of (tokens x hidden) @ (hidden x ffn) matmuls, so the
+roofline uses a matmul of that shape; a large square matmul is reported next to it as the
+machine's best case. CPUs without native bfloat16/float16 kernels run those dtypes up to ~100x
+slower than float32, so the square matmul shrinks until one call fits the time budget.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SQUARE_SIZES = (2048, 1024, 512)  # the first whose single call fits the time budget is measured
+
+
+def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 0.5) -> float:
+    """Sustained FLOP/s of (m x k) @ (k x n) in `dtype`, over at least `min_seconds` and 3 calls."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    out = torch.matmul(a, b)  # warm-up: first-call allocation and kernel selection
+    calls, start = 0, time.perf_counter()
+    while True:
+        torch.matmul(a, b, out=out)
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds and calls >= 3:
+            return 2.0 * m * k * n * calls / elapsed
+
+
+def square_size(flops: float, budget_s: float) -> int:
+    """The largest of SQUARE_SIZES whose single matmul, at `flops` FLOP/s, takes at most twice `budget_s`.
+
+    Pass the model-shaped rate: big square matmuls run faster, so the prediction errs on the slow side.
+    """
+    for size in SQUARE_SIZES:
+        if 2.0 * size**3 / flops <= 2 * budget_s:
+            return size
+    return SQUARE_SIZES[-1]
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(
+    dtype: torch.dtype, model_shape: tuple[int, int, int], min_seconds: float = 0.5
+) -> dict[str, Any]:
+    """Machine facts for a benchmark's JSON, with both matmul measurements.
+
+    `model_shape` is (m, k, n) of the model's typical matmul; its FLOP/s is the one the roofline uses.
+    """
+    shaped = matmul_flops(*model_shape, dtype=dtype, min_seconds=min_seconds)
+    square = square_size(shaped, budget_s=min_seconds)
+    return {
+        # Other processes share the CPU on dev machines; a load near cpu_count makes every figure suspect.
+        "load_avg_1m_before": os.getloadavg()[0],
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "matmul_flops_model_shaped": shaped,
+        "matmul_shape_model_shaped": "x".join(map(str, model_shape)),
+        "matmul_flops_square": matmul_flops(square, square, square, dtype=dtype, min_seconds=min_seconds),
+        "matmul_shape_square": f"{square}x{square}x{square}",
+        "roofline_matmul": "model_shaped",
+    }

@@ -1,0 +1,75 @@
+"""The benchmark harness: its pure helpers, and the throughput benchmark end to end on a tiny model.
+
+Benchmarks are never timing assertions: these tests check shapes, counts and files only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lorafleet.bench.cli import main
+from lorafleet.bench.stats import RequestTiming, percentile, summarize
+from lorafleet.bench.throughput import SYSTEMS
+from lorafleet.bench.workload import default_prompts_path, load_messages
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_summary_counts_tokens_and_skips_single_token_tpot() -> None:
+    timings = [
+        RequestTiming(num_tokens=5, first_token_s=1.0, finish_s=3.0),  # 4 gaps of 0.5 s
+        RequestTiming(num_tokens=3, first_token_s=2.0, finish_s=2.2),  # 2 gaps of 0.1 s
+        RequestTiming(num_tokens=1, first_token_s=4.0, finish_s=4.0),  # no TPOT
+    ]
+    summary = summarize(timings, seconds=4.5)
+    assert summary.tokens == 9
+    assert summary.tok_s == pytest.approx(2.0)
+    assert summary.ttft_p50_s == 2.0
+    assert summary.tpot_p50_s == pytest.approx(0.3)
+    assert summarize(timings[2:], seconds=1.0).tpot_p50_s is None
+
+
+def test_workload_is_a_prefix_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"id": i, "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_messages(2, path) == [rows[0]["messages"], rows[1]["messages"]]
+    with pytest.raises(ValueError, match="fewer than the 4"):
+        load_messages(4, path)
+    assert default_prompts_path().parts[-3:] == ("shared", "bench", "prompts.jsonl")
+
+
+def test_throughput_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    json_path, png_path = tmp_path / "tp.json", tmp_path / "tp.png"
+    argv = ["throughput", "--requests", "4", "--max-new-tokens", "8", "--model", str(tiny_llama_dir)]
+    argv += ["--json", str(json_path), "--plot", str(png_path), "--matmul-seconds", "0.05"]
+    assert main(argv) == 0
+
+    report = json.loads(json_path.read_text())
+    assert set(report) >= {"results", "roofline_fraction", "machine", "config"}
+    assert list(report["results"]) == list(SYSTEMS)
+    for name, result in report["results"].items():
+        assert set(result) == {"tok_s", "ttft_p50_s", "tpot_p50_s", "tokens", "seconds"}, name
+        assert result["tok_s"] > 0 and result["seconds"] > 0, name
+        assert 4 <= result["tokens"] <= 4 * 8, name
+    # Greedy decoding of the same model: every system generates the same number of tokens.
+    tokens = {name: result["tokens"] for name, result in report["results"].items()}
+    assert len(set(tokens.values())) == 1, tokens
+    assert math.isfinite(report["roofline_fraction"]) and report["roofline_fraction"] > 0
+    assert report["machine"]["matmul_flops_model_shaped"] > 0
+    assert report["machine"]["roofline_matmul"] == "model_shaped"
+    assert report["config"]["requests"] == 4 and report["config"]["max_new_tokens"] == 8
+
+    assert png_path.read_bytes()[:8] == PNG_SIGNATURE
