@@ -24,11 +24,12 @@ class SlotTable:
         """Adapters that running requests use."""
         return [a for a, n in self._users.items() if n]
 
-    def assign(self, adapter: str) -> int | None:
+    def assign(self, adapter: str) -> tuple[int | None, str | None]:
         """Give `adapter` a slot, evicting the least recently used idle adapter if needed.
-        None when every slot serves running requests."""
+        Returns (slot, evicted adapter); slot is None when every slot serves running requests."""
+        evicted = None
         if adapter in self._slot:
-            return self._slot[adapter]
+            return self._slot[adapter], None
         if self._free:
             slot = self._free.pop()
         elif self._idle:
@@ -36,10 +37,10 @@ class SlotTable:
             slot = self._slot.pop(evicted)
             self._users.pop(evicted, None)
         else:
-            return None
+            return None, None
         self._slot[adapter] = slot
         self._idle[adapter] = None
-        return slot
+        return slot, evicted
 
     def forget(self, slot: int) -> None:
         """Drop whatever adapter `slot` holds (its load failed), keeping its users' accounting."""

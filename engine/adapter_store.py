@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -138,6 +138,7 @@ class _Load:
     started: float  # time.monotonic() of the request that started it
     done: threading.Event = field(default_factory=threading.Event)
     error: AdapterLoadError | None = None
+    future: Future[None] | None = None  # close() fails the loads it cancels before they start
 
 
 class AdapterStore:
@@ -199,7 +200,7 @@ class AdapterStore:
             elif load is None or (load.done.is_set() and load.error is not None and load.error.retryable):
                 self._stats.misses["cpu"] += 1
                 load = self._loads[key] = _Load(time.monotonic())
-                self._pool.submit(self._load, key, entry, load)
+                load.future = self._pool.submit(self._load, key, entry, load)
             return self._status(key)
 
     def prefetch(self, adapter_ids: Iterable[str]) -> None:
@@ -240,9 +241,9 @@ class AdapterStore:
             for adapter_id in {key[0] for key in (*self._cpu, *self._loads)}:
                 if self._refs.get(adapter_id, 0) == 0:
                     self._drop_stale(adapter_id)
-        for adapter_id, entry in registry.adapters.items():
-            if entry.pinned:
-                self.request(adapter_id)
+            cold = [k for k, e in registry.adapters.items() if e.pinned and (k, e.version) not in self._cpu]
+        for adapter_id in cold:  # pinned ones already in memory are not requested: no false CPU hits
+            self.request(adapter_id)
 
     # -- for tests, benchmarks and the metrics exporter -------------------------------------
 
@@ -278,13 +279,16 @@ class AdapterStore:
             )
 
     def close(self) -> None:
-        """Stop the loader threads; loads in flight finish, queued ones fail (retryable)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the loader threads; loads in flight finish, queued ones fail (retryable) at once."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            cancelled = [(key, load) for key, load in self._loads.items() if not load.done.is_set()]
+            cancelled = [
+                (k, load) for k, load in self._loads.items() if load.future and load.future.cancelled()
+            ]
         for key, load in cancelled:  # never started: without this, wait() would sit out its timeout
             load.error = AdapterLoadError(*key, "StoreClosed", "the adapter store is shutting down", True)
             load.done.set()
+        self._pool.shutdown(wait=True)
 
     def __enter__(self) -> AdapterStore:
         return self

@@ -82,18 +82,19 @@ class ServedAdapters:
     def load(self, key: str) -> None:
         adapter_id = key.rsplit("@", 1)[0]
         now = time.monotonic()
-        if now < self._retry_at.get(key, 0.0):
-            return
         try:
-            status = self.store.request(adapter_id)
+            failed = self.store.status(adapter_id).state == "failed"
+            if failed:  # retryable (S3 down): back off instead of retrying every step
+                if now < self._retry_at.get(key, 0.0):
+                    return
+                delay = min(2 * self._retry_delay.get(key, RETRY_MIN_S / 2), RETRY_MAX_S)
+                self._retry_delay[key], self._retry_at[key] = delay, now + delay
+            else:
+                self._retry_delay.pop(key, None)
+                self._retry_at.pop(key, None)
+            self.store.request(adapter_id)
         except (InvalidAdapterName, UnknownAdapter):
             return  # unpublished while queued: error() reports it
-        if status.state == "failed":  # retryable (S3 down): back off instead of retrying every step
-            delay = min(2 * self._retry_delay.get(key, RETRY_MIN_S / 2), RETRY_MAX_S)
-            self._retry_delay[key], self._retry_at[key] = delay, now + delay
-        else:
-            self._retry_delay.pop(key, None)
-            self._retry_at.pop(key, None)
 
     def error(self, key: str) -> str | None:
         adapter_id = key.rsplit("@", 1)[0]

@@ -7,6 +7,10 @@ while decodes keep flowing. Waiting requests sit in one queue per adapter and ar
 round-robin across adapters, so a flood for one adapter cannot starve a trickle for another.
 An adapter's requests are admitted only once its weights are loaded and it holds one of the
 fixed LoRA slots; a cold adapter's load is started here and its queue simply waits meanwhile.
+When every slot serves running requests and another adapter waits, the adapter that has held
+its slot longest stops admitting (it "yields"): its running requests finish, its slot frees up
+and the waiting adapter takes it. Slots thus rotate like time slices, and with more adapters
+than slots each still gets its share.
 When the KV cache is full, the newest running request is preempted and later recomputed.
 """
 
@@ -23,7 +27,8 @@ from .config import SchedulerConfig
 from .kv_cache import KVCacheManager
 from .request import FinishReason, Request, Status
 
-PREFETCH_DEPTH = 4  # queues looked ahead of their turn to start adapter loads early
+PREFETCH_DEPTH = 4  # cold adapters, in turn order, whose loads run at once
+MIN_SLOT_STEPS = 16  # an adapter keeps admitting for at least this many steps after taking a slot
 
 
 class AdapterPort(Protocol):
@@ -78,6 +83,9 @@ class Scheduler:
         self.queues: dict[str | None, deque[Request]] = {}  # per adapter (None: the base model)
         self._turns: deque[str | None] = deque()  # adapters with waiting requests, in round-robin order
         self.running: list[Request] = []
+        self._step = 0
+        self._slotted_at: dict[str, int] = {}  # step at which an adapter took its slot
+        self._yielding: set[str] = set()  # slotted adapters admitting nothing until they lose the slot
         self._reserve = int(config.admission_watermark * kv.num_blocks)
         self.num_preemptions = 0  # since start, for metrics
 
@@ -120,6 +128,7 @@ class Scheduler:
     # -- one step -------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        self._step += 1
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
 
@@ -146,11 +155,13 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        if not any(a is not None and self.slots.slot_of(a) is None for a in self._turns):
+            self._yielding.clear()  # nobody waits for a slot: no need to give one up
         skipped = 0  # adapters visited in a row that could not admit anything
         while budget > 0 and len(self.running) < self.config.max_num_seqs and skipped < len(self._turns):
             adapter = self._turns[0]
             self._turns.rotate(-1)
-            if adapter is not None and not self._slot_ready(adapter, out):
+            if adapter in self._yielding or (adapter is not None and not self._slot_ready(adapter, out)):
                 skipped += 1
                 continue
             req = self.queues[adapter][0]
@@ -181,24 +192,38 @@ class Scheduler:
             return False
         weights = self.adapters.get(adapter)
         if weights is None:
-            self.adapters.load(adapter)
+            return False  # _prefetch starts its load when it is among the next few cold adapters
+        slot, evicted = self.slots.assign(adapter)
+        if slot is None:  # every slot serves running requests: ask the longest holder to yield
+            holders = [a for a in self.slots.active() if a not in self._yielding]
+            if holders:
+                oldest = min(holders, key=lambda a: self._slotted_at.get(a, 0))
+                if self._step - self._slotted_at.get(oldest, 0) >= MIN_SLOT_STEPS:
+                    self._yielding.add(oldest)
             return False
-        slot = self.slots.assign(adapter)
-        if slot is None:
-            return False  # every slot serves running requests
+        if evicted is not None:
+            self._yielding.discard(evicted)
+            self._slotted_at.pop(evicted, None)
+        self._slotted_at[adapter] = self._step
         out.slot_loads.append((slot, adapter, weights))
         return True
 
     def _prefetch(self) -> None:
         if self.adapters is None:
             return
-        for adapter in list(self._turns)[:PREFETCH_DEPTH]:
+        # Only the next few cold adapters load at once: loading every queued adapter would churn
+        # the CPU tier, each load evicting one that waits for its turn.
+        started = 0
+        for adapter in self._turns:
+            if started == PREFETCH_DEPTH:
+                break
             if (
                 adapter is not None
                 and self.slots.slot_of(adapter) is None
                 and self.adapters.get(adapter) is None
             ):
                 self.adapters.load(adapter)
+                started += 1
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Record the step's results. `sampled` maps request id to its new token.

@@ -50,6 +50,9 @@ def find_weed() -> Path:
     return Path(found)
 
 
+PROBE_BUCKET = "lorafleet-ready-probe"  # where start() round-trips an object before returning
+
+
 class WeedS3:
     """`weed mini` serving S3 at `endpoint_url` (127.0.0.1), keeping its data in `data_dir`.
 
@@ -156,8 +159,14 @@ class WeedS3:
                     f"weed exited with code {code} while starting:\n{self._log_tail(log_offset)}"
                 )
             try:
-                probe.list_buckets()  # answers only once S3 is up and the identity is loaded
-                return
+                # list_buckets answers once the S3 gateway and identity are up; GETs can still fail
+                # with 500 until the volume server is, so round-trip an object too.
+                if PROBE_BUCKET not in {b["Name"] for b in probe.list_buckets().get("Buckets", [])}:
+                    probe.create_bucket(Bucket=PROBE_BUCKET)
+                probe.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ok")
+                if probe.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() == b"ok":
+                    return
+                last_error = RuntimeError("the probe object read back wrong")
             except (BotoCoreError, ClientError) as e:
                 last_error = e
             if time.monotonic() > deadline:
