@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.plugins.s3",
     "tests.plugins.real_model",
     "tests.plugins.server",
+    "tests.plugins.kube",
 ]

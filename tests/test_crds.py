@@ -175,6 +175,14 @@ INVALID = [
         "pattern",
     ),
     (
+        "lower-case binary suffix",
+        "BaseModel",
+        "spec.adapterCache.diskBytes",
+        "10gi",
+        "spec.adapterCache.diskBytes",
+        "pattern",
+    ),
+    (
         "memory not a quantity",
         "BaseModel",
         "spec.resources.memory",
@@ -235,6 +243,12 @@ def test_invalid_manifests_are_rejected_for_the_stated_reason(why, kind, field, 
     doc = _set(_basemodel() if kind == "BaseModel" else _adapter(), field, value)
     found = [(".".join(map(str, e.absolute_path)), e.validator) for e in errors(doc)]
     assert set(found) == {(path, keyword)}, why
+
+
+@pytest.mark.parametrize("quantity", ["512Ki", "10Gi", "500M", "2k", "1024"])
+def test_kubernetes_quantities_are_accepted(quantity):
+    for field in ("spec.adapterCache.cpuBytes", "spec.adapterCache.diskBytes", "spec.resources.memory"):
+        assert errors(_set(_basemodel(), field, quantity)) == [], field
 
 
 def test_cel_rules_guard_source_specific_fields():

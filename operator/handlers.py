@@ -1,0 +1,491 @@
+"""kopf handlers: thin glue between watch events, the pure render/validation functions and the API.
+
+`build_registry(config)` returns a fresh `kopf.OperatorRegistry` with every handler bound to one
+`Operator` context (API client, registry writer, caches), so tests can run several operators
+one after another in one process. Error policy, as kopf expresses it:
+- a spec or an adapter a user must fix -> a condition with the reason, no retry (the
+  revalidation timer looks again later, e.g. after a re-upload);
+- an API or S3 failure nobody here can fix -> `kopf.TemporaryError(delay=...)`, retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from lorafleet.engine.adapter_format import AdapterError, BaseModelSpec
+from lorafleet.engine.registry import Registry, RegistryEntry, parse_registry_bytes, render_shards
+from lorafleet.engine.s3 import S3Client, make_s3_client
+
+from . import conditions
+from .conditions import Condition
+from .config import OperatorConfig
+from .kube import ApiError, KubeClient
+from .registry_writer import Key, RegistryWriter
+from .render import (
+    API_GROUP,
+    MANAGER,
+    MAX_REGISTRY_SHARDS,
+    registry_configmap_name,
+    render_children,
+    render_registry_configmaps,
+    selector_string,
+    service_endpoint,
+)
+from .spec import BaseModel, SpecError, parse_adapter, parse_basemodel
+from .validation import (
+    S3Unavailable,
+    base_model_spec,
+    check_against_basemodel,
+    read_hf_config,
+    validate_in_s3,
+)
+
+logger = logging.getLogger(__name__)
+BASEMODELS = (API_GROUP, "v1alpha1", "basemodels")
+ADAPTERS = (API_GROUP, "v1alpha1", "loraadapters")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Operator:
+    """What the handlers share: the API client, the registry writer and small caches."""
+
+    def __init__(self, config: OperatorConfig, kube: KubeClient) -> None:
+        self.config, self.kube = config, kube
+        self.writer = RegistryWriter(self._load_registry, self._publish_registry, config.writer)
+        self._published: dict[tuple[str, str], bytes] = {}  # ConfigMap (ns, name) -> shard bytes last written
+        self._s3_clients: dict[tuple[Any, ...], S3Client] = {}
+        self._base_specs: dict[str, BaseModelSpec] = {}
+
+    # -- registry ConfigMaps ---------------------------------------------------------------------
+
+    async def _load_registry(self, key: Key) -> Registry | None:
+        parts = []
+        for shard in range(MAX_REGISTRY_SHARDS):
+            cm = await self.kube.get(
+                "ConfigMap", key[0], f"{key[1]}-registry" if shard == 0 else f"{key[1]}-registry-{shard:03d}"
+            )
+            if cm is None:
+                break
+            for name, data in sorted((cm.get("binaryData") or {}).items()):
+                raw = base64.b64decode(data)
+                parts.append(parse_registry_bytes(raw, name))
+                self._published[(key[0], cm["metadata"]["name"])] = raw
+        if not parts:
+            return None
+        return Registry(parts[0].base_model, {k: v for part in parts for k, v in part.adapters.items()})
+
+    async def _publish_registry(self, key: Key, registry: Registry) -> int:
+        bm = await self._basemodel(key)
+        if bm is None:
+            raise RuntimeError(f"BaseModel {key[0]}/{key[1]} is gone")
+        configmaps = render_registry_configmaps(bm, render_shards(registry))
+        writes = 0
+        for cm in configmaps:
+            name = cm["metadata"]["name"]
+            data = base64.b64decode(next(iter(cm["binaryData"].values())))
+            if self._published.get((bm.namespace, name)) != data:
+                await self.kube.apply(cm)
+                self._published[(bm.namespace, name)] = data
+                writes += 1
+        for shard in range(len(configmaps), MAX_REGISTRY_SHARDS):  # fewer shards than before
+            name = registry_configmap_name(bm, shard)
+            if self._published.pop((bm.namespace, name), None) is not None:
+                await self.kube.delete("ConfigMap", bm.namespace, name)
+                writes += 1
+        return writes
+
+    async def _basemodel(self, key: Key) -> BaseModel | None:
+        body = await self.kube.get("BaseModel", *key)
+        return parse_basemodel(body) if body else None
+
+    # -- S3 --------------------------------------------------------------------------------------
+
+    async def s3_client(
+        self, endpoint: str | None, region: str | None, namespace: str, secret: str | None
+    ) -> S3Client:
+        creds: tuple[str, ...] = ()
+        if secret:
+            obj = await self.kube.get("Secret", namespace, secret)
+            data = (obj or {}).get("data") or {}
+            if "AWS_ACCESS_KEY_ID" not in data or "AWS_SECRET_ACCESS_KEY" not in data:
+                raise AdapterError(
+                    "CredentialsMissing",
+                    f"Secret {namespace}/{secret} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                )
+            creds = tuple(
+                base64.b64decode(data[k]).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+            )
+        key = (endpoint, region, creds)
+        if key not in self._s3_clients:
+            import boto3
+
+            session = boto3.Session(*creds) if creds else boto3.Session()
+            self._s3_clients[key] = make_s3_client(
+                endpoint, region, max_attempts=2, read_timeout_s=10, session=session
+            )
+        return self._s3_clients[key]
+
+    async def base_spec(self, bm: BaseModel) -> BaseModelSpec:
+        if bm.source != "s3" or bm.architecture is not None:
+            return base_model_spec(bm)
+        if bm.model_uri not in self._base_specs:
+            client = await self.s3_client(bm.s3_endpoint_url, bm.s3_region, bm.namespace, bm.s3_secret)
+            try:
+                hf = await asyncio.to_thread(read_hf_config, client, str(bm.model_uri))
+            except AdapterError as e:
+                raise AdapterError(
+                    "BaseModelUnknown", f"cannot read the base model's config.json: {e}"
+                ) from e
+            self._base_specs[str(bm.model_uri)] = base_model_spec(bm, hf)
+        return self._base_specs[str(bm.model_uri)]
+
+    # -- BaseModel ---------------------------------------------------------------------------------
+
+    async def reconcile_basemodel(
+        self, body: Mapping[str, Any], adapters: Mapping[str, int]
+    ) -> dict[str, Any]:
+        """Apply the children and return the new status."""
+        try:
+            bm = parse_basemodel(body)
+        except SpecError as e:
+            return self.basemodel_status(body, None, adapters, spec_error=str(e))
+        for child in render_children(bm):
+            try:
+                await self.kube.apply(child)
+            except ApiError as e:  # 409 from a concurrent create, 5xx, throttling
+                raise kopf.TemporaryError(
+                    f"applying {child['kind']} {bm.name}: {e}", delay=self.config.retry_delay_s
+                ) from e
+        try:
+            await self.writer.set_base_model((bm.namespace, bm.name), bm.served_name)
+        except Exception as e:
+            raise kopf.TemporaryError(f"writing the registry: {e}", delay=self.config.retry_delay_s) from e
+        deployment = await self.kube.get("Deployment", bm.namespace, bm.name)
+        return self.basemodel_status(body, deployment, adapters)
+
+    def basemodel_status(
+        self,
+        body: Mapping[str, Any],
+        deployment: Mapping[str, Any] | None,
+        adapters: Mapping[str, int],
+        spec_error: str | None = None,
+    ) -> dict[str, Any]:
+        meta, spec = body["metadata"], body.get("spec") or {}
+        try:
+            bm = parse_basemodel(body)
+            selector, endpoint = selector_string(bm), service_endpoint(bm)
+        except SpecError as e:
+            spec_error, selector, endpoint = spec_error or str(e), "", ""
+        return conditions.basemodel_status(
+            meta["name"],
+            int(meta.get("generation", 1)),
+            int(spec.get("replicas", 1)),
+            deployment,
+            selector=selector,
+            endpoint=endpoint,
+            adapters=adapters,
+            previous=(body.get("status") or {}).get("conditions"),
+            now=_now(),
+            spec_error=spec_error,
+        )
+
+    async def mirror_status(self, body: Mapping[str, Any], adapters: Mapping[str, int]) -> None:
+        """Refresh a BaseModel's status from its Deployment; write only if something changed."""
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return
+        deployment = await self.kube.get("Deployment", meta["namespace"], meta["name"])
+        status = self.basemodel_status(body, deployment, adapters)
+        if _differs(body.get("status") or {}, status):
+            await self.kube.patch_status("BaseModel", meta["namespace"], meta["name"], status)
+
+    # -- LoRAAdapter -------------------------------------------------------------------------------
+
+    async def reconcile_adapter(
+        self, body: Mapping[str, Any], bm_body: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """Validate, publish, and return the adapter's new status."""
+        previous = body.get("status") or {}
+        generation = int(body["metadata"].get("generation", 1))
+
+        def status(phase: str, validated: Condition, ready: Condition, **details: Any) -> dict[str, Any]:
+            return conditions.adapter_status(
+                generation=generation,
+                phase=phase,
+                validated=validated,
+                ready=ready,
+                previous=previous.get("conditions"),
+                now=_now(),
+                details=details,
+            )
+
+        try:
+            adapter = parse_adapter(body)
+        except (SpecError, KeyError) as e:
+            reason = getattr(e, "reason", "InvalidSpec")
+            return status(
+                "Failed", Condition("Validated", False, reason, str(e)), Condition("Ready", False, reason)
+            )
+        where = f"BaseModel {adapter.base_namespace}/{adapter.base_name}"
+        if bm_body is None or bm_body["metadata"].get("deletionTimestamp"):
+            gone = previous.get("phase") in ("Ready", "Orphaned")
+            phase, reason = ("Orphaned", "BaseModelDeleted") if gone else ("Pending", "BaseModelNotFound")
+            message = f"{where} {'was deleted' if gone else 'does not exist'}; the adapter is not served"
+            return status(
+                phase,
+                Condition("Validated", None, reason, message),
+                Condition("Ready", False, reason, message),
+            )
+        key = (adapter.base_namespace, adapter.base_name)
+        try:
+            bm = parse_basemodel(bm_body)
+            labels = (
+                None
+                if adapter.namespace == bm.namespace
+                else await self.kube.namespace_labels(adapter.namespace)
+            )
+            check_against_basemodel(adapter, bm, labels)
+            base = await self.base_spec(bm)
+            secret_ns, secret = (
+                (adapter.namespace, adapter.secret) if adapter.secret else (bm.namespace, bm.s3_secret)
+            )
+            client = await self.s3_client(bm.s3_endpoint_url, bm.s3_region, secret_ns, secret)
+            checked = await asyncio.to_thread(
+                validate_in_s3, client, adapter.uri, base, self.config.adapter_max_bytes
+            )
+        except (AdapterError, SpecError) as e:
+            reason = getattr(e, "reason", "InvalidSpec")
+            if isinstance(e, SpecError):
+                reason = "BaseModelInvalid"
+            await self._unpublish(key, adapter.id)
+            return status(
+                "Failed",
+                Condition("Validated", False, reason, str(e)),
+                Condition("Ready", False, "NotValidated", str(e)),
+            )
+        except (S3Unavailable, ApiError) as e:
+            raise kopf.TemporaryError(f"cannot validate yet: {e}", delay=self.config.retry_delay_s) from e
+        m = checked.manifest
+        entry = RegistryEntry(adapter.uri, checked.version, m.rank, m.bytes, adapter.pinned, m.target_modules)
+        try:
+            await self.writer.put(key, adapter.id, entry, base_model=bm.served_name)
+        except Exception as e:
+            raise kopf.TemporaryError(
+                f"publishing to the registry: {e}", delay=self.config.retry_delay_s
+            ) from e
+        summary = f"rank {m.rank} on {', '.join(m.target_modules)}, {m.bytes} bytes"
+        return status(
+            "Ready",
+            Condition("Validated", True, "Valid", summary),
+            Condition("Ready", True, "Published", f"in the registry of {where}"),
+            version=checked.version,
+            rank=m.rank,
+            targetModules=list(m.target_modules),
+            bytes=m.bytes,
+        )
+
+    async def _unpublish(self, key: Key, adapter_id: str) -> None:
+        snapshot = self.writer.snapshot(key)
+        if snapshot is None or adapter_id in snapshot.adapters:
+            try:
+                await self.writer.remove(key, adapter_id)
+            except Exception as e:
+                raise kopf.TemporaryError(
+                    f"removing from the registry: {e}", delay=self.config.retry_delay_s
+                ) from e
+
+    async def delete_adapter(self, body: Mapping[str, Any]) -> None:
+        try:
+            adapter = parse_adapter(body)
+        except SpecError:
+            return  # never published
+        if await self.kube.get("BaseModel", adapter.base_namespace, adapter.base_name) is None:
+            return  # its registry went with it
+        await self._unpublish((adapter.base_namespace, adapter.base_name), adapter.id)
+
+    async def orphan_adapters(self, bm_meta: Mapping[str, Any], adapter_keys: list[tuple[str, str]]) -> None:
+        message = f"BaseModel {bm_meta['namespace']}/{bm_meta['name']} was deleted; the adapter is not served"
+        for namespace, name in adapter_keys:
+            body = await self.kube.get("LoRAAdapter", namespace, name)
+            if body is None:
+                continue
+            status = conditions.adapter_status(
+                generation=int(body["metadata"].get("generation", 1)),
+                phase="Orphaned",
+                validated=Condition("Validated", None, "BaseModelDeleted", message),
+                ready=Condition("Ready", False, "BaseModelDeleted", message),
+                previous=(body.get("status") or {}).get("conditions"),
+                now=_now(),
+            )
+            try:
+                await self.kube.patch_status("LoRAAdapter", namespace, name, status)
+            except ApiError as e:
+                if e.status != 404:
+                    raise
+
+
+def _differs(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether `new` changes anything in `old` (timestamps of unchanged conditions aside)."""
+    return any(old.get(k) != v for k, v in new.items())
+
+
+def _adapter_counts(entries: Any) -> dict[str, int]:
+    phases = [phase for _, phase in entries or ()]
+    return {"total": len(phases), "ready": phases.count("Ready"), "failed": phases.count("Failed")}
+
+
+def build_registry(
+    config: OperatorConfig, connection: kopf.ConnectionInfo | None = None
+) -> kopf.OperatorRegistry:
+    """All handlers, on a new registry, sharing one `Operator` created at startup.
+
+    `connection`: fixed API credentials (tests); by default kopf's own login (in-cluster service
+    account, else kubeconfig) is used, for kopf and for the operator's client alike.
+    """
+    registry = kopf.OperatorRegistry()
+    state: dict[str, Operator] = {}
+
+    if connection is not None:
+
+        @kopf.on.login(registry=registry, id="login")
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return connection
+
+    def op() -> Operator:
+        return state["operator"]
+
+    @kopf.on.startup(registry=registry, id="startup")
+    async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+        settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
+        settings.posting.level = logging.WARNING  # Kubernetes Events for problems only
+        kube = KubeClient(connection) if connection is not None else KubeClient.from_login(logger)
+        state["operator"] = Operator(config, kube)
+
+    @kopf.on.cleanup(registry=registry, id="cleanup")
+    async def cleanup(**_: Any) -> None:
+        if "operator" in state:
+            operator = state.pop("operator")
+            await operator.writer.close()
+            await operator.kube.close()
+
+    def shut_down() -> bool:
+        # kopf can still fire a timer spawned by a late watch event after the cleanup activity
+        # has closed the API client; such a timer has nothing left to do.
+        return "operator" not in state
+
+    @kopf.index(*BASEMODELS, registry=registry, id="basemodels")
+    def basemodels(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+        return {(namespace, name): dict(body)}
+
+    @kopf.index(*ADAPTERS, registry=registry, id="adapters")
+    def adapters(namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any) -> dict[Key, Any]:
+        base = spec.get("baseModel") or {}
+        return {
+            (base.get("namespace") or namespace, base.get("name", "")): (
+                (namespace, name),
+                status.get("phase"),
+            )
+        }
+
+    def bm_body(index: kopf.Index, key: Key) -> dict[str, Any] | None:
+        found = list(index.get(key, ()))
+        return found[0] if found else None
+
+    @kopf.on.resume(*BASEMODELS, registry=registry, id="reconcile_basemodel")
+    @kopf.on.create(*BASEMODELS, registry=registry, id="reconcile_basemodel")
+    @kopf.on.update(*BASEMODELS, registry=registry, id="reconcile_basemodel")
+    async def reconcile_basemodel(body: kopf.Body, patch: kopf.Patch, adapters: kopf.Index, **_: Any) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        patch.status.update(await op().reconcile_basemodel(body, _adapter_counts(adapters.get(key))))
+
+    @kopf.on.delete(*BASEMODELS, registry=registry, id="delete_basemodel")
+    async def delete_basemodel(body: kopf.Body, adapters: kopf.Index, **_: Any) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        op().writer.forget(key)
+        await op().orphan_adapters(body["metadata"], [adapter for adapter, _ in adapters.get(key, ())])
+
+    @kopf.timer(
+        *BASEMODELS,
+        interval=config.status_interval_s,
+        idle=config.status_interval_s,
+        registry=registry,
+        id="refresh_basemodel",
+    )
+    async def refresh_basemodel(body: kopf.Body, adapters: kopf.Index, **_: Any) -> None:
+        if shut_down():
+            return
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        entries = list(adapters.get(key, ()))
+        await op().mirror_status(body, _adapter_counts(entries))
+        if op().writer.snapshot(key) is not None:
+            stale = await op().writer.retain(key, {f"{ns}/{name}" for (ns, name), _ in entries})
+            if stale:
+                logger.info("dropped registry entries of deleted adapters: %s", ", ".join(stale))
+
+    @kopf.on.event(
+        "apps",
+        "v1",
+        "deployments",
+        labels={"app.kubernetes.io/managed-by": MANAGER},
+        registry=registry,
+        id="deployment_changed",
+    )
+    async def deployment_changed(
+        body: kopf.Body, type: str | None, basemodels: kopf.Index, adapters: kopf.Index, **_: Any
+    ) -> None:
+        key = (
+            body["metadata"].get("namespace", ""),
+            body["metadata"].get("labels", {}).get("lorafleet.io/basemodel", ""),
+        )
+        owner = bm_body(basemodels, key)
+        if owner is not None and type != "DELETED":
+            await op().mirror_status(owner, _adapter_counts(adapters.get(key)))
+
+    async def reconcile_adapter(body: kopf.Body, patch: kopf.Patch, basemodels: kopf.Index, **_: Any) -> None:
+        spec = body.get("spec") or {}
+        base = spec.get("baseModel") or {}
+        key = (base.get("namespace") or body["metadata"]["namespace"], base.get("name", ""))
+        try:
+            patch.status.update(await op().reconcile_adapter(body, bm_body(basemodels, key)))
+        except kopf.TemporaryError as e:
+            patch.status["message"] = str(e)
+            raise
+        if patch.status.get("phase") == "Pending":  # the BaseModel may appear: look again soon
+            raise kopf.TemporaryError(str(patch.status.get("message")), delay=config.retry_delay_s)
+
+    for decorator in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        decorator(*ADAPTERS, registry=registry, id="reconcile_adapter")(reconcile_adapter)
+
+    @kopf.timer(
+        *ADAPTERS,
+        interval=config.revalidate_interval_s,
+        idle=config.revalidate_interval_s,
+        registry=registry,
+        id="revalidate_adapter",
+    )
+    async def revalidate_adapter(
+        body: kopf.Body, patch: kopf.Patch, basemodels: kopf.Index, **_: Any
+    ) -> None:
+        if not shut_down():
+            await reconcile_adapter(body=body, patch=patch, basemodels=basemodels)
+
+    @kopf.on.delete(*ADAPTERS, registry=registry, id="delete_adapter")
+    async def delete_adapter(body: kopf.Body, **_: Any) -> None:
+        try:
+            await op().delete_adapter(body)
+        except ApiError as e:
+            raise kopf.TemporaryError(str(e), delay=config.retry_delay_s) from e
+
+    return registry

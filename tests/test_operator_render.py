@@ -1,0 +1,330 @@
+"""The operator's pure pieces, without Kubernetes: spec parsing, manifest rendering, status
+conditions, admission rules and the coalescing registry writer."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lorafleet.engine.adapter_format import AdapterError
+from lorafleet.engine.cli import build_parser
+from lorafleet.engine.registry import Registry, RegistryEntry
+from lorafleet.operator import conditions
+from lorafleet.operator.conditions import Condition
+from lorafleet.operator.registry_writer import RegistryWriter, WriterSettings
+from lorafleet.operator.render import (
+    MAX_REGISTRY_SHARDS,
+    render_children,
+    render_deployment,
+    render_registry_configmaps,
+)
+from lorafleet.operator.spec import (
+    SpecError,
+    parse_adapter,
+    parse_basemodel,
+    parse_quantity,
+    selector_matches,
+)
+from lorafleet.operator.validation import check_against_basemodel
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = {
+    crd["spec"]["names"]["kind"]: crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for crd in (yaml.safe_load(p.read_text()) for p in (ROOT / "crds").glob("*.yaml"))
+}
+
+
+def with_crd_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """What the API server stores: `value` with the schema's defaults filled in (structural defaulting)."""
+    if isinstance(value, dict):
+        out = dict(value)
+        for name, sub in (schema.get("properties") or {}).items():
+            if name not in out and "default" in sub:
+                out[name] = copy.deepcopy(sub["default"])
+            if name in out:
+                out[name] = with_crd_defaults(sub, out[name])
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [with_crd_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def bm_body(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "lorafleet.io/v1alpha1",
+        "kind": "BaseModel",
+        "metadata": {"name": "smol", "namespace": "models", "uid": "u-1", "generation": 1},
+        "spec": spec,
+    }
+
+
+def adapter_body(namespace: str = "models", **spec: Any) -> dict[str, Any]:
+    spec = {"baseModel": {"name": "smol"}, "source": {"uri": "s3://b/a"}} | spec
+    return {"kind": "LoRAAdapter", "metadata": {"name": "a", "namespace": namespace}, "spec": spec}
+
+
+# -- spec ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec", [{}, {"model": {"source": "s3", "uri": "s3://b/models/smol/"}, "s3": {"region": "eu-west-1"}}]
+)
+def test_basemodel_defaults_equal_the_crds(spec):
+    body = bm_body(**spec)
+    assert parse_basemodel(body) == parse_basemodel(with_crd_defaults(SCHEMAS["BaseModel"], body))
+
+
+def test_adapter_defaults_equal_the_crds():
+    body = adapter_body()
+    assert parse_adapter(body) == parse_adapter(with_crd_defaults(SCHEMAS["LoRAAdapter"], body))
+    assert parse_adapter(body).id == "models/a" and parse_adapter(body).uri == "s3://b/a/"
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"model": {"source": "s3"}}, "spec.model.uri is required"),
+        ({"model": {"source": "pvc", "pvc": {"claimName": "c"}}}, "architecture are required"),
+        ({"adapterCache": {"cpuBytes": "lots"}}, "spec.adapterCache.cpuBytes"),
+        ({"quantization": "int8"}, "unquantized weights only"),
+    ],
+)
+def test_invalid_basemodel_specs_say_what_to_fix(spec, words):
+    with pytest.raises(SpecError, match=words) as e:
+        parse_basemodel(bm_body(**spec))
+    assert e.value.reason == "InvalidSpec"
+
+
+@pytest.mark.parametrize("text, value", [("2Gi", 2 << 30), ("500M", 500_000_000), ("1.5Ki", 1536), (7, 7)])
+def test_parse_quantity(text, value):
+    assert parse_quantity(text, "x") == value
+
+
+@pytest.mark.parametrize(
+    "selector, labels, matches",
+    [
+        ({}, {}, True),
+        ({"matchLabels": {"team": "x"}}, {"team": "x", "env": "prod"}, True),
+        ({"matchLabels": {"team": "x"}}, {"team": "y"}, False),
+        (
+            {"matchExpressions": [{"key": "team", "operator": "In", "values": ["x", "y"]}]},
+            {"team": "y"},
+            True,
+        ),
+        ({"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["x"]}]}, {}, True),
+        ({"matchExpressions": [{"key": "team", "operator": "Exists"}]}, {}, False),
+        ({"matchExpressions": [{"key": "team", "operator": "DoesNotExist"}]}, {"team": "x"}, False),
+    ],
+)
+def test_selector_matches(selector, labels, matches):
+    assert selector_matches(selector, labels) is matches
+
+
+def test_namespace_admission():
+    bm = parse_basemodel(bm_body())
+    check_against_basemodel(parse_adapter(adapter_body()), bm, None)  # same namespace: always
+    foreign = parse_adapter(
+        adapter_body(namespace="tenant", baseModel={"name": "smol", "namespace": "models"})
+    )
+    with pytest.raises(AdapterError) as e:
+        check_against_basemodel(foreign, bm, {"team": "x"})  # no selector: own namespace only
+    assert e.value.reason == "NamespaceNotAllowed"
+    open_bm = parse_basemodel(bm_body(adapterNamespaceSelector={"matchLabels": {"team": "x"}}))
+    check_against_basemodel(foreign, open_bm, {"team": "x"})
+    with pytest.raises(AdapterError):
+        check_against_basemodel(foreign, open_bm, {"team": "y"})
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+S3_SPEC = {
+    "model": {"source": "s3", "uri": "s3://models/smol/"},
+    "s3": {"endpointUrl": "http://s3.local:8333", "credentialsSecret": {"name": "s3"}},
+    "resources": {"gpus": 1, "memory": "16Gi"},
+    "nodeSelector": {"gpu": "a10"},
+    "tolerations": [{"key": "gpu", "operator": "Exists"}],
+    "adapterCache": {"gpuSlots": 4, "cpuBytes": "1Gi", "diskBytes": "20Gi"},
+    "extraArgs": ["--max-num-seqs", "64"],
+}
+
+
+def test_deployment_runs_the_engine_with_flags_it_accepts():
+    container = render_deployment(parse_basemodel(bm_body(**S3_SPEC)))["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    args = build_parser().parse_args(container["args"])  # exits on an unknown flag
+    assert (args.command, args.model, args.served_model_name) == ("engine", "s3://models/smol/", "smol")
+    assert (args.max_loras, args.adapter_cpu_mib, args.adapter_disk_mib) == (4, 1024, 20 * 1024)
+    assert args.max_num_seqs == 64 and args.registry == "/etc/lorafleet/registry"
+
+
+def test_deployment_pod():
+    deployment = render_deployment(parse_basemodel(bm_body(**S3_SPEC)))
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert (pod["nodeSelector"], pod["tolerations"]) == (S3_SPEC["nodeSelector"], S3_SPEC["tolerations"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3",
+        "key": "AWS_ACCESS_KEY_ID",
+        "optional": False,
+    }
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://s3.local:8333"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    shards = volumes["registry"]["projected"]["sources"]
+    assert len(shards) == MAX_REGISTRY_SHARDS and not shards[0]["configMap"]["optional"]
+    assert volumes["adapter-cache"]["emptyDir"]["sizeLimit"] == str(20 << 30)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["adapter-cache"] in container["args"]
+
+
+def test_pvc_model_and_cache_volumes():
+    bm = parse_basemodel(
+        bm_body(
+            model={
+                "source": "pvc",
+                "pvc": {"claimName": "weights", "path": "/smol"},
+                "architecture": {
+                    "hiddenSize": 64,
+                    "intermediateSize": 128,
+                    "numHeads": 4,
+                    "numKvHeads": 2,
+                    "headDim": 16,
+                    "numLayers": 2,
+                },
+            },
+            adapterCache={"volume": {"claimName": "cache"}},
+        )
+    )
+    pod = render_deployment(bm)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+    assert volumes["adapter-cache"]["persistentVolumeClaim"] == {"claimName": "cache"}
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "/models/smol"
+
+
+def test_children_are_owned_and_a_spec_change_rolls_the_pods():
+    bm = parse_basemodel(bm_body())
+    for child in render_children(bm):
+        (owner,) = child["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["uid"], owner["controller"]) == ("BaseModel", "u-1", True)
+    before = render_deployment(bm)["spec"]["template"]
+    after = render_deployment(parse_basemodel(bm_body(dtype="float16")))["spec"]["template"]
+    assert before != after
+
+
+def test_registry_configmaps_are_named_by_shard_and_bounded():
+    bm = parse_basemodel(bm_body())
+    cms = render_registry_configmaps(bm, {"registry-001.json.gz": b"b", "registry-000.json.gz": b"a"})
+    assert [cm["metadata"]["name"] for cm in cms] == ["smol-registry", "smol-registry-001"]
+    with pytest.raises(ValueError, match="shards"):
+        render_registry_configmaps(
+            bm, {f"registry-{i:03d}.json.gz": b"" for i in range(MAX_REGISTRY_SHARDS + 1)}
+        )
+
+
+# -- conditions ------------------------------------------------------------------------------------
+
+
+def deployment(replicas: int, ready: int, updated: int, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"generation": 1},
+        "spec": {"replicas": replicas},
+        "status": {"readyReplicas": ready, "updatedReplicas": updated, "observedGeneration": 1, **status},
+    }
+
+
+@pytest.mark.parametrize(
+    "dep, phase, ready",
+    [
+        (None, "Pending", "DeploymentMissing"),
+        (deployment(2, 0, 0), "Progressing", "NoReplicasReady"),
+        (deployment(2, 1, 2), "Progressing", "ReplicasReady"),
+        (deployment(2, 2, 2), "Ready", "ReplicasReady"),
+        (deployment(0, 0, 0), "Ready", "ScaledToZero"),
+        (
+            deployment(
+                2, 0, 2, conditions=[{"type": "ReplicaFailure", "status": "True", "message": "quota"}]
+            ),
+            "Degraded",
+            "NoReplicasReady",
+        ),
+    ],
+)
+def test_basemodel_phase_follows_the_deployment(dep, phase, ready):
+    got_phase, conds = conditions.basemodel_conditions(1, dep)
+    assert got_phase == phase
+    assert {c.type: c.reason for c in conds}["Ready"] == ready
+    assert [c.type for c in conds] == ["Ready", "Progressing", "Degraded"]
+
+
+def test_transition_time_changes_only_with_the_status():
+    first = conditions.merge_conditions(None, [Condition("Ready", False, "NoReplicasReady")], "t1")
+    same = conditions.merge_conditions(first, [Condition("Ready", False, "Other")], "t2")
+    flipped = conditions.merge_conditions(same, [Condition("Ready", True, "ReplicasReady")], "t3")
+    assert [c["lastTransitionTime"] for c in (*first, *same, *flipped)] == ["t1", "t1", "t3"]
+
+
+# -- registry writer -------------------------------------------------------------------------------
+
+
+def entry(i: int) -> RegistryEntry:
+    return RegistryEntry(f"s3://b/a{i}/", f"v{i}", 4, 100)
+
+
+class FakeConfigMaps:
+    """The registry writer's two callables, recording every publish; fails the first `failures`."""
+
+    def __init__(self, published: Registry | None = None, failures: int = 0) -> None:
+        self.published, self.failures, self.writes = published, failures, 0
+
+    async def load(self, key: Any) -> Registry | None:
+        return self.published
+
+    async def flush(self, key: Any, registry: Registry) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("API server unavailable")
+        self.published, self.writes = registry, self.writes + 1
+        return 1
+
+
+FAST = WriterSettings(debounce_s=0.01, max_delay_s=0.2, retry_s=0.01)
+
+
+async def test_a_burst_of_publishes_is_one_write():
+    cms = FakeConfigMaps()
+    writer = RegistryWriter(cms.load, cms.flush, FAST)
+    key = ("models", "smol")
+    await asyncio.gather(*(writer.put(key, f"models/a{i}", entry(i), base_model="smol") for i in range(200)))
+    assert cms.published is not None and len(cms.published.adapters) == 200
+    assert cms.writes <= 2  # every put returned only once published; a straggler may need a second write
+    await writer.remove(key, "models/a0")
+    await writer.put(key, "models/a1", entry(1), base_model="smol")  # unchanged: no write
+    assert "models/a0" not in cms.published.adapters and cms.writes <= 3
+    await writer.close()
+
+
+async def test_a_restarted_writer_keeps_what_was_published_and_retries_failures():
+    cms = FakeConfigMaps(Registry("smol", {"models/old": entry(0)}), failures=2)
+    writer = RegistryWriter(cms.load, cms.flush, FAST)
+    key = ("models", "smol")
+    for _ in range(2):
+        with pytest.raises(ConnectionError):  # the caller hears of the failure (kopf retries it) ...
+            await writer.put(key, "models/new", entry(1), base_model="smol")
+    await writer.put(key, "models/new", entry(1), base_model="smol")  # ... and the writer kept trying
+    assert set(cms.published.adapters) == {"models/old", "models/new"}
+    assert await writer.retain(key, {"models/new"}) == ["models/old"]
+    assert set(cms.published.adapters) == {"models/new"}
+    await writer.close()
