@@ -6,14 +6,17 @@ Head-major layout makes a gather of a group's blocks land directly as [kv_heads,
 context, head_dim], so attention is two batched matmuls with no per-request Python.
 
 Requests that compute one token this step (decodes) and those that compute several (prefill
-chunks) attend in separate groups, so one long prompt does not pad every decode.
+chunks) attend in separate groups, so one long prompt does not pad every decode; decodes are
+further grouped by context length.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -30,6 +33,15 @@ class AttentionGroup:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each new token
     groups: list[AttentionGroup]
+
+
+def group_key(q_len: int, ctx_len: int, block_size: int) -> tuple[bool, int]:
+    """Which attention group a request joins: prefill chunks together, and decodes bucketed by
+    context length (powers of two in blocks), so a short context is padded at most to twice its
+    length instead of to the longest context in the batch."""
+    if q_len > 1:
+        return (False, 0)
+    return (True, int(math.log2(max(1, -(-ctx_len // block_size)))))
 
 
 def build_group(
@@ -96,12 +108,13 @@ def paged_attention(
     for grp in meta.groups:
         b, qm = grp.batch, grp.q_max
         qg = q.index_select(0, grp.rows).view(b, qm, kv_heads, g, head_dim)
-        qg = qg.permute(2, 0, 3, 1, 4).reshape(kv_heads * b, g * qm, head_dim)
-        k = k_cache.index_select(1, grp.blocks).view(kv_heads * b, -1, head_dim)
-        v = v_cache.index_select(1, grp.blocks).view(kv_heads * b, -1, head_dim)
-        scores = torch.baddbmm(grp.bias, qg, k.transpose(1, 2), alpha=scale)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.bmm(probs, v).view(kv_heads, b, g, qm, head_dim).permute(1, 3, 0, 2, 4)
+        qg = qg.permute(2, 0, 3, 1, 4).reshape(kv_heads * b, 1, g * qm, head_dim)
+        k = k_cache.index_select(1, grp.blocks).view(kv_heads * b, 1, -1, head_dim)
+        v = v_cache.index_select(1, grp.blocks).view(kv_heads * b, 1, -1, head_dim)
+        # One fused kernel (scores, mask, softmax, weighted sum) that never materializes the scores.
+        mask = grp.bias.view(kv_heads * b, 1, g * qm, -1)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+        o = o.view(kv_heads, b, g, qm, head_dim).permute(1, 3, 0, 2, 4)
         o = o.reshape(b * qm, q_heads, head_dim).index_select(0, grp.valid)
         out.index_copy_(0, grp.rows.index_select(0, grp.valid), o)
     return out

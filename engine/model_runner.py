@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from .attention import AttentionGroup, AttentionMetadata, build_group
+from . import quant
+from .attention import AttentionGroup, AttentionMetadata, build_group, group_key
 from .config import EngineConfig
 from .kv_cache import bytes_per_block
 from .lora import LoRABatch, LoRALinear, LoRAWeights, add_lora_slots
@@ -27,13 +28,8 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> tuple[CausalLM, object]:
-    """Build the model from a HF directory's config.json and *.safetensors (never pickle)."""
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    shape = ModelShape.from_hf(hf_config)
-    inv_freq, rope_scaling = rope_inv_freq(hf_config)
-    with torch.device("meta"):
-        model = CausalLM(shape, inv_freq.to("meta"), rope_scaling)
+def read_checkpoint(model_dir: Path, shape: ModelShape, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF directory's *.safetensors (never pickle), in `dtype` (None: as stored)."""
     state: dict[str, torch.Tensor] = {}
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -46,6 +42,44 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> tup
         tied = state.get("lm_head.weight", state.get("model.embed_tokens.weight"))
         if tied is not None:
             state["lm_head.weight"] = state["model.embed_tokens.weight"] = tied
+    return state
+
+
+def quantized_checkpoint(
+    model_dir: Path, shape: ModelShape, fmt: str, cache_dir: Path | None
+) -> dict[str, torch.Tensor]:
+    """The model quantized to `fmt`, read from `cache_dir` when an earlier start saved it there."""
+    path = quant.cache_path(cache_dir, model_dir, fmt) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        return quant.load_quantized(path, fmt)
+    state = quant.quantize_checkpoint(
+        read_checkpoint(model_dir, shape, None), fmt, shape.num_layers, shape.tie_word_embeddings
+    )
+    if path is not None:
+        quant.save_quantized(state, path, fmt)
+        log.info("saved the %s checkpoint to %s", fmt, path)
+    return state
+
+
+def load_model(
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: str | None = None,
+    quantized_cache_dir: Path | None = None,
+) -> tuple[CausalLM, object]:
+    """Build the model from a HF directory's config.json and *.safetensors (never pickle)."""
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    shape = ModelShape.from_hf(hf_config)
+    inv_freq, rope_scaling = rope_inv_freq(hf_config)
+    with torch.device("meta"):
+        model = CausalLM(shape, inv_freq.to("meta"), rope_scaling)
+    if quantization is None:
+        state = read_checkpoint(model_dir, shape, dtype)
+    else:
+        state = quantized_checkpoint(model_dir, shape, quantization, quantized_cache_dir)
+        quant.swap_quantized(model, state, quantization, dtype, device)  # takes the quantized tensors
+        state = {name: t.to(dtype) for name, t in state.items()}  # norms and biases
     expected = set(model.state_dict())
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing:
@@ -64,7 +98,10 @@ class ModelRunner:
     def __init__(self, model_dir: Path, config: EngineConfig) -> None:
         self.device = torch.device(config.device)
         self.dtype = TORCH_DTYPES[config.dtype]
-        self.model, self.hf_config = load_model(model_dir, self.dtype, self.device)
+        cache = Path(config.quantized_cache_dir) if config.quantized_cache_dir else None
+        self.model, self.hf_config = load_model(
+            model_dir, self.dtype, self.device, config.quantization, cache
+        )
         s = self.model.shape
         self.shape = s
         self.max_model_len = min(
@@ -90,13 +127,14 @@ class ModelRunner:
         self.lora_layers: dict[tuple[int, str], LoRALinear] = {}
         if config.lora is not None:
             self.lora_batch, self.lora_layers = add_lora_slots(
-                self.model, config.lora.max_loras, config.lora.max_rank
+                self.model, config.lora.max_loras, config.lora.max_rank, self.dtype
             )
         self.default_generator = torch.Generator().manual_seed(config.seed)
         self._generators: dict[str, torch.Generator] = {}
         log.info(
-            "model %s: %d layers, %s, KV cache %d blocks x %d tokens (%.0f MiB)",
-            s.model_type, s.num_layers, config.dtype, self.num_blocks, self.block_size,
+            "model %s: %d layers, %s%s, KV cache %d blocks x %d tokens (%.0f MiB)",
+            s.model_type, s.num_layers, config.dtype,
+            f" ({config.quantization} weights)" if config.quantization else "", self.num_blocks, self.block_size,
             self.num_blocks * per_block / 2**20,
         )  # fmt: skip
 
@@ -125,6 +163,13 @@ class ModelRunner:
         tokens = sample(logits.cpu(), [r.params for r in reqs], [self._generator(r) for r in reqs])
         return {r.request_id: t for r, t in zip(reqs, tokens)}
 
+    @torch.inference_mode()
+    def hidden_states(self, chunk: ScheduledChunk) -> torch.Tensor:
+        """Final hidden states [num_tokens, hidden] of one chunk, with no sampling: teacher-forced
+        scoring (perplexity, agreement). The chunk's KV blocks must be allocated as for a step."""
+        inputs, _, _ = self._prepare([chunk])
+        return self.model(inputs)
+
     def release(self, request: Request) -> None:
         self._generators.pop(request.request_id, None)
 
@@ -141,7 +186,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        groups: dict[bool, tuple[list, list, list, list]] = {True: ([], [], [], []), False: ([], [], [], [])}
+        groups: dict[tuple[bool, int], tuple[list, list, list, list]] = {}
         sample_rows: list[int] = []
         sampling: list[ScheduledChunk] = []
         segments: list[tuple[int, int, int]] = []
@@ -155,7 +200,8 @@ class ModelRunner:
             ids += c.request.all_token_ids[c.start : end]
             positions += range(c.start, end)
             slots += [c.block_table[p // bs] * bs + p % bs for p in range(c.start, end)]
-            rows, q_lens, ctx_lens, tables = groups[c.num_tokens == 1]
+            key = group_key(c.num_tokens, end, bs)
+            rows, q_lens, ctx_lens, tables = groups.setdefault(key, ([], [], [], []))
             rows.append(list(range(row0, len(ids))))
             q_lens.append(c.num_tokens)
             ctx_lens.append(end)
@@ -174,7 +220,6 @@ class ModelRunner:
                 device=self.device,
             )
             for g in groups.values()
-            if g[0]
         ]
         self.lora_batch.segments = segments
         meta = AttentionMetadata(torch.tensor(slots, device=self.device), attn_groups)
