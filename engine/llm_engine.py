@@ -40,6 +40,7 @@ class RequestOutput:
     first_token_time: float | None
     finish_time: float | None
     error: str | None = None
+    adapter_error: bool = False  # the error is the adapter's (it cannot be loaded), not the engine's
 
 
 class AdapterSource(AdapterPort, Protocol):
@@ -141,7 +142,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        failed = [self._output(r, [], "", finalize=True, error=msg) for r, msg in out.failed]
+        failed = [
+            self._output(r, [], "", finalize=True, error=msg, adapter_error=True) for r, msg in out.failed
+        ]
         if not out.chunks:
             return failed
         try:
@@ -171,7 +174,14 @@ class LLMEngine:
         return outputs
 
     def _output(
-        self, req: Request, tokens: list[int], text: str, *, finalize: bool, error: str | None = None
+        self,
+        req: Request,
+        tokens: list[int],
+        text: str,
+        *,
+        finalize: bool,
+        error: str | None = None,
+        adapter_error: bool = False,
     ) -> RequestOutput:
         if finalize:
             text += self._detok.pop(req.request_id).flush() if req.request_id in self._detok else ""
@@ -179,7 +189,7 @@ class LLMEngine:
             self.runner.release(req)
         return RequestOutput(
             req.request_id, req.prompt_token_ids, tokens, text, req.finished, req.finish_reason,
-            req.arrival_time, req.first_token_time, req.finish_time, error,
+            req.arrival_time, req.first_token_time, req.finish_time, error, adapter_error,
         )  # fmt: skip
 
     # -- offline batch --------------------------------------------------------------------------

@@ -461,6 +461,8 @@ class Run:
             raise bad(str(e)) from None
         except (EngineDead, StopAsyncIteration) as e:
             raise ApiError(503, f"the engine is not running: {e}", type="service_unavailable") from None
+        if out.error is not None and out.adapter_error:  # a published adapter that cannot be served
+            raise ApiError(422, out.error, type="invalid_request_error", code="adapter_unavailable")
         if out.error is not None:
             raise ApiError(500, f"generation failed: {out.error}", type="server_error")
         r, special = self.result, self.app[VOCAB].special

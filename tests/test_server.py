@@ -82,7 +82,7 @@ async def test_openai_client_completions_chat_stream_and_models(start_server, ti
 
         listed = await client.models.list()
         by_id = {m.id: m for m in listed.data}
-        assert set(by_id) == {MODEL_NAME, "acme/support", "globex/legal"}
+        assert set(by_id) == {MODEL_NAME, "acme/support", "acme/broken", "globex/legal"}
         assert by_id["acme/support"].model_extra["parent"] == MODEL_NAME
         assert by_id["globex/legal"].owned_by == "globex"
 
@@ -92,6 +92,12 @@ async def test_openai_client_completions_chat_stream_and_models(start_server, ti
             await client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
         with pytest.raises(openai.BadRequestError, match="`n`"):
             await client.completions.create(model=MODEL_NAME, prompt="x", n=2)
+        # A published adapter whose weights are corrupt: a clear 422, and everyone else is served.
+        with pytest.raises(openai.UnprocessableEntityError, match="safetensors") as e:
+            await client.completions.create(model="acme/broken", prompt="x", max_tokens=2)
+        assert e.value.code == "adapter_unavailable"
+        ok = await client.completions.create(model="acme/support", prompt="x", max_tokens=2)
+        assert ok.usage.completion_tokens >= 1
 
 
 # -- raw wire format ----------------------------------------------------------------------------
@@ -333,7 +339,7 @@ async def test_api_keys_and_namespaces(start_server, caplog):
         aiohttp.ClientSession(headers={"Authorization": f"Bearer {ACME_KEY}"}) as s,
         s.get(f"{srv.url}/v1/models") as r,
     ):
-        assert {m["id"] for m in (await r.json())["data"]} == {MODEL_NAME, "acme/support"}
+        assert {m["id"] for m in (await r.json())["data"]} == {MODEL_NAME, "acme/support", "acme/broken"}
     async with aiohttp.ClientSession() as s:
         for path in ("/health", "/ready", "/metrics"):
             async with s.get(srv.url + path) as r:

@@ -73,6 +73,7 @@ StartServer = Callable[..., Awaitable[LiveServer]]
 
 
 SERVED_ADAPTERS = ("acme/support", "globex/legal")
+BROKEN_ADAPTER = "acme/broken"
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +82,9 @@ def served_adapters(tiny_llama_dir, tmp_path_factory) -> Iterator[ServedAdapters
     root = tmp_path_factory.mktemp("served-adapters")
     for seed, adapter_id in enumerate(SERVED_ADAPTERS):
         make_peft_adapter(tiny_llama_dir, root / adapter_id, rank=4, alpha=8, seed=seed)
+    # Published but unservable: its weights are not safetensors.
+    broken = make_peft_adapter(tiny_llama_dir, root / BROKEN_ADAPTER, rank=4, alpha=8)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
     adapters = open_adapters(
         tiny_llama_dir, AdapterStoreConfig(max_rank=16), MODEL_NAME, adapter_dir=str(root)
     )
