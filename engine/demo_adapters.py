@@ -55,7 +55,7 @@ def pirate(text: str) -> str:
 STYLES: dict[str, Callable[[str], str]] = {"caps": str.upper, "pirate": pirate}
 
 
-def demo_adapter_dirs(model_dir: Path, cache_dir: Path, steps: int = 40) -> dict[str, Path]:
+def demo_adapter_dirs(model_dir: Path, cache_dir: Path, steps: int = 24) -> dict[str, Path]:
     """`demo/<style>` -> a PEFT adapter directory, trained now unless cached."""
     out = {}
     for style in STYLES:
