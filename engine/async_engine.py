@@ -22,6 +22,9 @@ from .request import SamplingParams
 log = logging.getLogger(__name__)
 
 
+IDLE_POLL_S = 0.005  # engine loop poll while every waiting request waits for an adapter load
+
+
 class EngineDead(RuntimeError):
     """The engine thread has stopped; no request can be served."""
 
@@ -104,12 +107,17 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            idle = False
             while True:
-                block = not self.engine.has_unfinished()
-                if not self._drain_commands(block):
+                # Nothing to run: wait for a command. Every waiting request is waiting for its
+                # adapter's load: poll gently instead of spinning against the loader threads.
+                wait = None if not self.engine.has_unfinished() else IDLE_POLL_S if idle else 0.0
+                if not self._drain_commands(wait):
                     break
                 if self.engine.has_unfinished():
-                    self._publish(self.engine.step())
+                    outputs = self.engine.step()
+                    idle = not outputs and not self.engine.scheduler.running
+                    self._publish(outputs)
                 self.num_running = len(self.engine.scheduler.running)
                 self.num_waiting = self.engine.scheduler.num_waiting
         except BaseException as e:  # a bug: fail every open request loudly, then stop
@@ -122,14 +130,15 @@ class AsyncEngine:
                 self.engine.abort(rid)
                 self._send(self._sinks.pop(rid), EngineDead("the engine stopped"))
 
-    def _drain_commands(self, block: bool) -> bool:
-        """Apply queued submits and aborts; wait for one if idle. False means stop."""
+    def _drain_commands(self, wait: float | None) -> bool:
+        """Apply queued submits and aborts, first waiting up to `wait` seconds for one (None:
+        for ever). False means stop."""
         while True:
             try:
-                cmd = self._commands.get(block=block)
+                cmd = self._commands.get(timeout=wait) if wait != 0.0 else self._commands.get_nowait()
             except queue.Empty:
                 return True
-            block = False
+            wait = 0.0
             if cmd is None:
                 return False
             if isinstance(cmd, _Abort):

@@ -102,7 +102,7 @@ def train_style_adapter(model_dir: Path, style: str, target: Path, steps: int, s
             log.info("demo/%s step %d/%d loss %.3f", style, step + 1, steps, loss.item())
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft.save_pretrained(tmp)  # safetensors: adapter_config.json + adapter_model.safetensors
+    peft.save_pretrained(str(tmp))  # safetensors: adapter_config.json + adapter_model.safetensors
     cfg = json.loads((tmp / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = model_dir.name
     (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))

@@ -1,12 +1,17 @@
-"""SmolLM2-135M-Instruct in float32: the engine's continuous batch against HF `generate`."""
+"""SmolLM2-135M-Instruct in float32: the engine's continuous batch against HF `generate`, and a
+batch mixing 8 adapters with base requests against PEFT running each adapter alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from lorafleet.engine.config import EngineConfig, SchedulerConfig
+from lorafleet.bench.lora_adapters import write_random_adapter
+from lorafleet.engine.adapter_store import AdapterStoreConfig
+from lorafleet.engine.adapters import base_spec, open_adapters
+from lorafleet.engine.config import EngineConfig, LoRAConfig, SchedulerConfig
 from lorafleet.engine.llm_engine import LLMEngine
 from lorafleet.engine.request import SamplingParams
 
@@ -47,4 +52,65 @@ def test_greedy_matches_hf_generate_on_smollm2(smollm2_dir, bench_messages):
             divergent.append(f"prompt {i}: {explain(list(res.logits), ref, out.token_ids)}")
     identical = NUM_PROMPTS - len(divergent)
     assert identical >= 0.95 * NUM_PROMPTS, f"{identical}/{NUM_PROMPTS} identical; " + "; ".join(divergent)
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+
+
+LORA_TOKENS = 32
+RANKS = [2, 4, 8, 16, 8, 4, 16, 2]
+
+
+def test_mixed_adapter_batch_matches_peft_on_smollm2(smollm2_dir, bench_messages, tmp_path):
+    base = base_spec(smollm2_dir, max_rank=16)
+    names = [f"bench/a{i}" for i in range(len(RANKS))]
+    for i, (name, rank) in enumerate(zip(names, RANKS)):
+        write_random_adapter(tmp_path / name, base, rank, seed=i)
+    adapters = open_adapters(
+        smollm2_dir, AdapterStoreConfig(max_rank=16), "smollm2", adapter_dir=str(tmp_path)
+    )
+    assert adapters is not None
+    eng = LLMEngine(
+        EngineConfig(model=str(smollm2_dir), scheduler=SchedulerConfig(256, 64), lora=LoRAConfig(8, 16)),
+        model_dir=smollm2_dir,
+        adapters=adapters,
+    )
+    # Two prompts per adapter and four on the base model, all in one continuous batch.
+    jobs: list[tuple[str | None, list[int]]] = [
+        (name, eng.encode_chat(bench_messages[2 * i + k])) for i, name in enumerate(names) for k in range(2)
+    ] + [(None, eng.encode_chat(m)) for m in bench_messages[16:20]]
+    greedy = SamplingParams(max_tokens=LORA_TOKENS, temperature=0.0)
+    reqs = [eng.add_request(p, greedy, adapter_id=a) for a, p in jobs]
+    got: dict[str, list[int]] = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            assert o.error is None, o.error
+            got.setdefault(o.request_id, []).extend(o.token_ids)
+    adapters.close()
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(hf, tmp_path / names[0], adapter_name=names[0].replace("/", "_"))
+    for name in names[1:]:
+        peft.load_adapter(tmp_path / name, adapter_name=name.replace("/", "_"))
+    divergent, changed = [], 0
+    for (adapter, p), req in zip(jobs, reqs):
+        kwargs = dict(
+            max_new_tokens=LORA_TOKENS, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        if adapter is None:
+            with peft.disable_adapter():
+                res = peft.generate(input_ids=torch.tensor([p]), **kwargs)
+        else:
+            peft.set_adapter(adapter.replace("/", "_"))
+            res = peft.generate(input_ids=torch.tensor([p]), **kwargs)
+            with peft.disable_adapter():
+                base_ids = peft.generate(
+                    input_ids=torch.tensor([p]), max_new_tokens=LORA_TOKENS, do_sample=False
+                )
+            changed += base_ids[0, len(p) :].tolist() != res.sequences[0, len(p) :].tolist()
+        ref = res.sequences[0, len(p) :].tolist()
+        if ref != got[req.request_id]:
+            divergent.append(f"{adapter}: {explain(list(res.logits), ref, got[req.request_id])}")
+    identical = len(jobs) - len(divergent)
+    assert identical >= 0.95 * len(jobs), f"{identical}/{len(jobs)} identical; " + "; ".join(divergent)
+    # Rank-2 adapters with small B barely move some answers; half the requests must still change.
+    assert changed >= 8, f"only {changed}/16 adapter requests differ from the base model"
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
