@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
+from .config import DTYPES, QUANTIZATIONS, CacheConfig, EngineConfig, SchedulerConfig
 
 MiB = 1 << 20
 
@@ -27,6 +27,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default="float32", help="weight and KV cache dtype (default float32)"
     )
     g.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="weight-only quantization of the base model; LoRA deltas stay in --dtype (default: none). "
+        "Quantized weights are cached under $LORAFLEET_CACHE_DIR/quantized",
+    )
+    g.add_argument(
         "--max-model-len", type=int, help="context length in tokens (default: the model's, at most 8192)"
     )
     g.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache budget in MiB (default 512)")
@@ -39,9 +45,16 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    quantized_cache_dir = None
+    if args.quantization:
+        from .model_source import default_cache_dir
+
+        quantized_cache_dir = str(default_cache_dir() / "quantized")
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
+        quantization=args.quantization,
+        quantized_cache_dir=quantized_cache_dir,
         max_model_len=args.max_model_len,
         seed=args.seed,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_mib * MiB),

@@ -39,12 +39,24 @@ class LoRABatch:
     segments: list[tuple[int, int, int]] = field(default_factory=list)
 
 
+class BaseProjection(Protocol):
+    """nn.Linear or a quantized stand-in from `quant` (whose weight dtype is not the activations')."""
+
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, batch: LoRABatch, num_slots: int, max_rank: int) -> None:
+    def __init__(
+        self, base: BaseProjection, batch: LoRABatch, num_slots: int, max_rank: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.base = base
         self.batch = batch
-        dtype, device = base.weight.dtype, base.weight.device
+        device = base.weight.device  # dtype: the activations', so deltas stay in that precision
         # A is stored [slot, rank, in] and B [slot, rank, out] so that a rank-r prefix is contiguous.
         self.lora_a = torch.zeros(num_slots, max_rank, base.in_features, dtype=dtype, device=device)
         self.lora_b = torch.zeros(num_slots, max_rank, base.out_features, dtype=dtype, device=device)
@@ -78,7 +90,7 @@ class LoRALinear(nn.Module):
 
 
 def add_lora_slots(
-    model: CausalLM, num_slots: int, max_rank: int
+    model: CausalLM, num_slots: int, max_rank: int, dtype: torch.dtype
 ) -> tuple[LoRABatch, dict[tuple[int, str], LoRALinear]]:
     """Swap every projection of every decoder layer for a LoRALinear; return the shared batch
     state and the layers by (layer index, projection name)."""
@@ -88,8 +100,8 @@ def add_lora_slots(
         for parent in (layer.self_attn, layer.mlp):
             for name in PROJECTIONS:
                 base = getattr(parent, name, None)
-                if isinstance(base, nn.Linear):
-                    wrapped = LoRALinear(base, batch, num_slots, max_rank)
+                if base is not None:  # nn.Linear, or its quantized stand-in
+                    wrapped = LoRALinear(base, batch, num_slots, max_rank, dtype)
                     setattr(parent, name, wrapped)
                     layers[(i, name)] = wrapped
     return batch, layers
