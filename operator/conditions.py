@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .spec import SpecError
+
 
 @dataclass(frozen=True)
 class Condition:
@@ -51,14 +53,18 @@ def condition_status(conditions: Sequence[Mapping[str, Any]] | None, type_: str)
 
 
 def basemodel_conditions(
-    generation: int, deployment: Mapping[str, Any] | None, spec_error: str | None = None
+    generation: int, deployment: Mapping[str, Any] | None, spec_error: SpecError | None = None
 ) -> tuple[str, list[Condition]]:
-    """(phase, conditions) of a BaseModel from its Deployment as last read (None: not there)."""
+    """(phase, conditions) of a BaseModel from its Deployment as last read (None: not there).
+
+    A spec error wins: its reason (e.g. ModelURIMissing) is on all three conditions, so that
+    `kubectl get bm -o wide` and alerts on Degraded say what to fix."""
     if spec_error is not None:
+        reason, message = spec_error.reason, str(spec_error)
         return "Degraded", [
-            Condition("Ready", False, "InvalidSpec", spec_error),
-            Condition("Progressing", False, "InvalidSpec", "fix the spec to continue"),
-            Condition("Degraded", True, "InvalidSpec", spec_error),
+            Condition("Ready", False, reason, message),
+            Condition("Progressing", False, reason, "fix the spec to continue"),
+            Condition("Degraded", True, reason, message),
         ]
     if deployment is None:
         return "Pending", [
@@ -116,7 +122,7 @@ def basemodel_status(
     adapters: Mapping[str, int],
     previous: Sequence[Mapping[str, Any]] | None,
     now: str,
-    spec_error: str | None = None,
+    spec_error: SpecError | None = None,
 ) -> dict[str, Any]:
     """The whole BaseModel status (for a merge patch of `status`)."""
     phase, conditions = basemodel_conditions(generation, deployment, spec_error)

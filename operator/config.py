@@ -22,6 +22,12 @@ class OperatorConfig:
     # and an adapter that failed (missing object, BaseModel absent) is tried again.
     revalidate_interval_s: float = 300.0
 
+    @property
+    def exact_namespaces(self) -> bool:
+        """Watching named namespaces only (no glob, no `!` exclusion): then kopf need not list and
+        watch Namespaces or CRDs (nor hold the cluster-wide RBAC for it), it watches just these."""
+        return bool(self.namespaces) and not any(set("*?[!") & set(ns) for ns in self.namespaces)
+
     def __post_init__(self) -> None:
         for name in ("retry_delay_s", "status_interval_s", "revalidate_interval_s"):
             if getattr(self, name) <= 0:

@@ -158,7 +158,7 @@ class Operator:
         try:
             bm = parse_basemodel(body)
         except SpecError as e:
-            return self.basemodel_status(body, None, adapters, spec_error=str(e))
+            return self.basemodel_status(body, None, adapters, spec_error=e)
         for child in render_children(bm):
             try:
                 await self.kube.apply(child)
@@ -178,14 +178,14 @@ class Operator:
         body: Mapping[str, Any],
         deployment: Mapping[str, Any] | None,
         adapters: Mapping[str, int],
-        spec_error: str | None = None,
+        spec_error: SpecError | None = None,
     ) -> dict[str, Any]:
         meta, spec = body["metadata"], body.get("spec") or {}
         try:
             bm = parse_basemodel(body)
             selector, endpoint = selector_string(bm), service_endpoint(bm)
         except SpecError as e:
-            spec_error, selector, endpoint = spec_error or str(e), "", ""
+            spec_error, selector, endpoint = spec_error or e, "", ""
         return conditions.basemodel_status(
             meta["name"],
             int(meta.get("generation", 1)),
@@ -355,11 +355,11 @@ def build_registry(
     registry = kopf.OperatorRegistry()
     state: dict[str, Operator] = {}
 
-    if connection is not None:
-
-        @kopf.on.login(registry=registry, id="login")
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return connection
+    @kopf.on.login(registry=registry, id="login")
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # kopf's own login handlers live on its default registry, not on this one: without this
+        # handler `lorafleet operator` would find no credentials at all.
+        return connection if connection is not None else kopf.login_via_client(**kwargs)
 
     def op() -> Operator:
         return state["operator"]
@@ -370,6 +370,9 @@ def build_registry(
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
         settings.posting.level = logging.WARNING  # Kubernetes Events for problems only
+        # Scanning discovers namespaces matching patterns and CRDs added later; named namespaces
+        # need neither (the chart installs the CRDs first), and a namespaced install lacks the RBAC.
+        settings.scanning.disabled = config.exact_namespaces
         kube = KubeClient(connection) if connection is not None else KubeClient.from_login(logger)
         state["operator"] = Operator(config, kube)
 
@@ -382,7 +385,8 @@ def build_registry(
 
     def shut_down() -> bool:
         # kopf can still fire a timer spawned by a late watch event after the cleanup activity
-        # has closed the API client; such a timer has nothing left to do.
+        # has closed the API client, or be amid one when cleanup closes it; such a timer has
+        # nothing left to do.
         return "operator" not in state
 
     @kopf.index(*BASEMODELS, registry=registry, id="basemodels")
@@ -428,11 +432,16 @@ def build_registry(
             return
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         entries = list(adapters.get(key, ()))
-        await op().mirror_status(body, _adapter_counts(entries))
-        if op().writer.snapshot(key) is not None:
-            stale = await op().writer.retain(key, {f"{ns}/{name}" for (ns, name), _ in entries})
-            if stale:
-                logger.info("dropped registry entries of deleted adapters: %s", ", ".join(stale))
+        try:
+            await op().mirror_status(body, _adapter_counts(entries))
+            if op().writer.snapshot(key) is not None:
+                stale = await op().writer.retain(key, {f"{ns}/{name}" for (ns, name), _ in entries})
+                if stale:
+                    logger.info("dropped registry entries of deleted adapters: %s", ", ".join(stale))
+        except Exception:
+            if shut_down():  # the cleanup closed the API client under this running timer
+                return
+            raise
 
     @kopf.on.event(
         "apps",
@@ -478,8 +487,14 @@ def build_registry(
     async def revalidate_adapter(
         body: kopf.Body, patch: kopf.Patch, basemodels: kopf.Index, **_: Any
     ) -> None:
-        if not shut_down():
+        if shut_down():
+            return
+        try:
             await reconcile_adapter(body=body, patch=patch, basemodels=basemodels)
+        except Exception:
+            if shut_down():  # as in refresh_basemodel
+                return
+            raise
 
     @kopf.on.delete(*ADAPTERS, registry=registry, id="delete_adapter")
     async def delete_adapter(body: kopf.Body, **_: Any) -> None:

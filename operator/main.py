@@ -1,10 +1,13 @@
 """`lorafleet operator`: command-line options and the kopf entry point.
 
 Namespace scoping: `--namespace` (repeatable, kopf glob patterns allowed) or `--all-namespaces`
-(the default). Liveness: kopf's probe endpoint on `--liveness-port` (`/healthz`), for the pod's
-livenessProbe. Peering: with several replicas, kopf's peering elects one active operator per
-peering object (`--peering NAME`, the KopfPeering/ClusterKopfPeering CRDs from the chart; the
-highest `--priority` wins, the others stand by). `--standalone` skips peering: run exactly one.
+(the default). With named namespaces only, kopf's scanning is off: it needs no cluster-wide
+Namespace or CRD list/watch permission. Liveness: kopf's probe endpoint on `--liveness-port`
+(`/healthz`), for the pod's livenessProbe. Peering (`--peering NAME`, the KopfPeering or
+ClusterKopfPeering object from the chart) is not leader election: every operator on the object
+posts a keep-alive, an operator seeing a live peer of higher `--priority` pauses, and peers of
+the same priority *all* pause until only one is left. So run one replica (or give each a distinct
+priority). `--standalone` skips peering: then make sure exactly one operator runs.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Each BaseModel's registry lives here in memory, seeded from what is already published (so a
 restarted operator never publishes a partial registry while adapters are still resuming).
 `put` and `remove` change it and wait until a flush has published the change; a flush waits for
-`debounce_s` of quiet (or at most `max_delay_s` after the first unpublished change), so a burst of
-1,000 publishes costs a handful of writes, while a lone publish is visible within `debounce_s`.
+`debounce_s` of quiet (or at most `max_delay_s` after the first unpublished change), and at least
+`min_interval_s` after the previous write. So a burst of 1,000 publishes costs a handful of
+writes, a trickle (one adapter Ready every second, as when the API server is slow) costs at most
+one write per `min_interval_s`, and a lone publish is visible within `debounce_s`.
 Pure asyncio: reading and writing the ConfigMaps are the callables it is given.
 """
 
@@ -29,6 +31,10 @@ class WriterSettings:
         0.5  # quiet time before a write: long enough to batch a kubectl apply of many adapters
     )
     max_delay_s: float = 5.0  # no change waits longer than this under a steady stream of changes
+    # Writes are at least this far apart. Pods see a ConfigMap change only after the kubelet's
+    # sync (up to a minute), so a few seconds more are invisible, and the write count stays
+    # bounded when changes trickle in slower than the debounce.
+    min_interval_s: float = 3.0
     retry_s: float = 2.0  # after a failed write (API down, conflict)
 
 
@@ -40,6 +46,7 @@ class _State:
     published: int = 0  # the version the cluster has
     first_unpublished: float | None = None  # loop time of the oldest unpublished change
     last_change: float = 0.0
+    last_write: float | None = None  # loop time of the last successful write
     waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
 
@@ -145,6 +152,8 @@ class RegistryWriter:
                 state.last_change + self.settings.debounce_s,
                 state.first_unpublished + self.settings.max_delay_s,
             )
+            if state.last_write is not None:
+                due = max(due, state.last_write + self.settings.min_interval_s)
             if loop.time() < due:
                 await asyncio.sleep(due - loop.time())
                 continue
@@ -161,7 +170,7 @@ class RegistryWriter:
                     state.first_unpublished = loop.time()
                 await asyncio.sleep(self.settings.retry_s)
                 continue
-            state.published = version
+            state.published, state.last_write = version, loop.time()
             self._resolve(state, version, None)
 
     @staticmethod

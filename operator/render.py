@@ -75,6 +75,8 @@ def engine_args(bm: BaseModel) -> list[str]:
         args += ["--model", str(bm.model_uri)]
     elif bm.source == "pvc":
         args += ["--model", f"{MODEL_DIR}/{bm.pvc_path.strip('/')}".rstrip("/")]
+    if bm.quantization != "none":
+        args += ["--quantization", bm.quantization]
     args += [
         "--dtype",
         bm.dtype,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorafleet.engine.adapter_format import SMOLLM2_135M
+from lorafleet.engine.config import DTYPES, QUANTIZATIONS
 
 _QUANTITY_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]+)?)(?P<unit>[KMGTPE]i|[kMGTPE])?")
 _UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
@@ -21,7 +22,12 @@ _UNITS |= {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 <
 
 
 class SpecError(ValueError):
-    """A spec the operator cannot act on; `reason` becomes the condition reason."""
+    """A spec the operator cannot act on; `reason` becomes the condition reason.
+
+    Reasons name what to fix: ModelURIMissing, PVCSourceIncomplete, UnknownModelSource,
+    UnsupportedDtype, UnsupportedQuantization, InvalidQuantity, and InvalidSpec for a spec that
+    is not even shaped as the CRD says (an API server that skipped the schema).
+    """
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -32,7 +38,7 @@ def parse_quantity(value: str | int, what: str) -> int:
     """Kubernetes quantity -> bytes: "2Gi" -> 2147483648, "500M" -> 500000000."""
     m = _QUANTITY_RE.fullmatch(str(value))
     if m is None:
-        raise SpecError("InvalidSpec", f"{what}: {value!r} is not a quantity like 2Gi or 500M")
+        raise SpecError("InvalidQuantity", f"{what}: {value!r} is not a quantity like 2Gi or 500M")
     return int(float(m["num"]) * _UNITS[m["unit"] or ""])
 
 
@@ -65,7 +71,7 @@ class BaseModel:
     s3_region: str | None
     s3_secret: str | None  # Secret in this namespace with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
     dtype: str
-    quantization: str
+    quantization: str  # none | int8 | int4: weight-only, LoRA deltas stay in `dtype`
     image: str
     image_pull_policy: str
     extra_args: tuple[str, ...]
@@ -100,17 +106,21 @@ def parse_basemodel(body: Mapping[str, Any]) -> BaseModel:
     source = model.get("source", "builtin")
     pvc = model.get("pvc") or {}
     if source == "s3" and not model.get("uri"):
-        raise SpecError("InvalidSpec", "spec.model.uri is required when spec.model.source is s3")
+        raise SpecError("ModelURIMissing", "spec.model.uri is required when spec.model.source is s3")
     if source == "pvc" and not (pvc.get("claimName") and model.get("architecture")):
         raise SpecError(
-            "InvalidSpec", "spec.model.pvc.claimName and spec.model.architecture are required for pvc"
+            "PVCSourceIncomplete",
+            "spec.model.pvc.claimName and spec.model.architecture are required for pvc",
         )
     if source not in ("builtin", "s3", "pvc"):
-        raise SpecError("InvalidSpec", f"spec.model.source must be builtin, s3 or pvc, got {source!r}")
-    if spec.get("quantization", "none") != "none":
-        # The CRD reserves int8; the engine has no quantized path yet, and would refuse the flag.
+        raise SpecError("UnknownModelSource", f"spec.model.source must be builtin, s3 or pvc, got {source!r}")
+    dtype, quantization = spec.get("dtype", "bfloat16"), spec.get("quantization", "none")
+    if dtype not in DTYPES:
+        raise SpecError("UnsupportedDtype", f"spec.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantization != "none" and quantization not in QUANTIZATIONS:
         raise SpecError(
-            "InvalidSpec", "spec.quantization: this engine version serves unquantized weights only"
+            "UnsupportedQuantization",
+            f"spec.quantization must be none, {' or '.join(QUANTIZATIONS)}, got {quantization!r}",
         )
     arch = model.get("architecture")
     default_name = {
@@ -142,8 +152,8 @@ def parse_basemodel(body: Mapping[str, Any]) -> BaseModel:
             s3_endpoint_url=s3.get("endpointUrl"),
             s3_region=s3.get("region"),
             s3_secret=(s3.get("credentialsSecret") or {}).get("name"),
-            dtype=spec.get("dtype", "bfloat16"),
-            quantization=spec.get("quantization", "none"),
+            dtype=dtype,
+            quantization=quantization,
             image=spec.get("image", "lorafleet:0.1.0"),
             image_pull_policy=spec.get("imagePullPolicy", "IfNotPresent"),
             extra_args=tuple(spec.get("extraArgs") or ()),

@@ -128,7 +128,8 @@ async def test_basemodel_children_and_status(kube, operator, weed):
         "BaseModel", NS, "smol", {"metadata": {"generation": 3}, "spec": {"model": {"source": "s3"}}}
     )
     bm = await kube.wait_for("BaseModel", NS, "smol", phase("Degraded"))
-    assert condition(bm, "Degraded")["reason"] == "InvalidSpec"
+    assert condition(bm, "Degraded")["reason"] == "ModelURIMissing"
+    assert "spec.model.uri is required" in condition(bm, "Ready")["message"]
 
 
 async def test_adapters_publish_fail_and_clean_up(kube, operator, weed, s3_bucket):
@@ -255,3 +256,30 @@ async def test_concurrent_applies_of_a_new_object_all_succeed(kube):
     assert len(results) == 4
     assert len(kube.emulator["post"]) > 1  # the race did happen: more than one create was tried
     assert (await kube.get("ConfigMap", NS, "race") or {})["data"]["i"] in {"0", "1", "2", "3"}
+
+
+async def test_adapter_becomes_ready_after_an_s3_outage(kube, operator, private_weed, s3_bucket):
+    await setup_secret(kube, private_weed)
+    await kube.create(basemodel(private_weed))
+    await kube.wait_for("ConfigMap", NS, "smol-registry", lambda o: o is not None)
+    client = private_weed.client()
+    client.create_bucket(Bucket="outage")
+    uri = upload((client, "outage"), "a", smol_adapter())
+
+    await asyncio.to_thread(private_weed.stop)
+    await kube.create(adapter("a", uri))
+    waiting = await kube.wait_for(
+        "LoRAAdapter",
+        NS,
+        "a",
+        lambda o: "cannot validate yet" in ((o or {}).get("status") or {}).get("message", ""),
+    )
+    assert waiting["status"].get("phase") != "Ready"
+    assert f"{NS}/a" not in (await published(kube)).adapters
+
+    # S3 back: the retry (not a re-apply: the generation stays 1) validates and publishes it.
+    await asyncio.to_thread(private_weed.start)
+    ready = await kube.wait_for("LoRAAdapter", NS, "a", phase("Ready"))
+    assert ready["metadata"]["generation"] == 1
+    assert condition(ready, "Validated")["status"] == "True"
+    assert (await published(kube)).adapters[f"{NS}/a"].uri == uri

@@ -86,18 +86,46 @@ def test_adapter_defaults_equal_the_crds():
 
 
 @pytest.mark.parametrize(
-    "spec, words",
+    "spec, reason, words",
     [
-        ({"model": {"source": "s3"}}, "spec.model.uri is required"),
-        ({"model": {"source": "pvc", "pvc": {"claimName": "c"}}}, "architecture are required"),
-        ({"adapterCache": {"cpuBytes": "lots"}}, "spec.adapterCache.cpuBytes"),
-        ({"quantization": "int8"}, "unquantized weights only"),
+        ({"model": {"source": "s3"}}, "ModelURIMissing", "spec.model.uri is required"),
+        (
+            {"model": {"source": "pvc", "pvc": {"claimName": "c"}}},
+            "PVCSourceIncomplete",
+            "architecture are required",
+        ),
+        ({"model": {"source": "hf"}}, "UnknownModelSource", "builtin, s3 or pvc"),
+        ({"adapterCache": {"cpuBytes": "lots"}}, "InvalidQuantity", "spec.adapterCache.cpuBytes"),
+        ({"quantization": "gptq"}, "UnsupportedQuantization", "none, int8 or int4"),
+        ({"dtype": "float8"}, "UnsupportedDtype", "float32, bfloat16, float16"),
+        ({"replicas": "many"}, "InvalidSpec", "cannot read the BaseModel spec"),
     ],
 )
-def test_invalid_basemodel_specs_say_what_to_fix(spec, words):
+def test_invalid_basemodel_specs_say_what_to_fix(spec, reason, words):
     with pytest.raises(SpecError, match=words) as e:
         parse_basemodel(bm_body(**spec))
-    assert e.value.reason == "InvalidSpec"
+    assert e.value.reason == reason
+
+
+def test_a_spec_error_puts_its_reason_on_every_condition():
+    error = SpecError("ModelURIMissing", "spec.model.uri is required")
+    phase, conds = conditions.basemodel_conditions(1, None, error)
+    assert phase == "Degraded"
+    assert {(c.type, c.status, c.reason) for c in conds} == {
+        ("Ready", False, "ModelURIMissing"),
+        ("Progressing", False, "ModelURIMissing"),
+        ("Degraded", True, "ModelURIMissing"),
+    }
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantization_reaches_the_engine(quantization):
+    bm = parse_basemodel(bm_body(quantization=quantization, dtype="float16"))
+    container = render_deployment(bm)["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])  # the engine's own parser: exits if unknown
+    assert (args.quantization, args.dtype) == (quantization, "float16")
+    unquantized = render_deployment(parse_basemodel(bm_body()))["spec"]["template"]["spec"]
+    assert build_parser().parse_args(unquantized["containers"][0]["args"]).quantization is None
 
 
 @pytest.mark.parametrize("text, value", [("2Gi", 2 << 30), ("500M", 500_000_000), ("1.5Ki", 1536), (7, 7)])
@@ -300,7 +328,7 @@ class FakeConfigMaps:
         return 1
 
 
-FAST = WriterSettings(debounce_s=0.01, max_delay_s=0.2, retry_s=0.01)
+FAST = WriterSettings(debounce_s=0.01, max_delay_s=0.2, min_interval_s=0.02, retry_s=0.01)
 
 
 async def test_a_burst_of_publishes_is_one_write():
@@ -316,6 +344,23 @@ async def test_a_burst_of_publishes_is_one_write():
     await writer.close()
 
 
+async def test_a_trickle_of_publishes_is_rate_limited():
+    cms = FakeConfigMaps()
+    # Changes 30 ms apart, slower than the 10 ms debounce: without a minimum interval between
+    # writes each would be a write of its own.
+    writer = RegistryWriter(cms.load, cms.flush, WriterSettings(debounce_s=0.01, min_interval_s=0.2))
+    key = ("models", "smol")
+
+    async def put_later(i: int) -> None:
+        await asyncio.sleep(0.03 * i)  # the arrival schedule, not a synchronization
+        await writer.put(key, f"models/a{i}", entry(i), base_model="smol")
+
+    await asyncio.gather(*(put_later(i) for i in range(10)))
+    assert cms.published is not None and len(cms.published.adapters) == 10
+    assert 1 <= cms.writes <= 4  # 0.3 s of arrivals, one write per 0.2 s at most (plus the last)
+    await writer.close()
+
+
 async def test_a_restarted_writer_keeps_what_was_published_and_retries_failures():
     cms = FakeConfigMaps(Registry("smol", {"models/old": entry(0)}), failures=2)
     writer = RegistryWriter(cms.load, cms.flush, FAST)
@@ -328,3 +373,19 @@ async def test_a_restarted_writer_keeps_what_was_published_and_retries_failures(
     assert await writer.retain(key, {"models/new"}) == ["models/old"]
     assert set(cms.published.adapters) == {"models/new"}
     await writer.close()
+
+
+@pytest.mark.parametrize(
+    "namespaces, exact",
+    [
+        ((), False),
+        (("models",), True),
+        (("models", "tenant-a"), True),
+        (("tenant-*",), False),
+        (("!kube-system",), False),
+    ],
+)
+def test_only_named_namespaces_turn_kopf_scanning_off(namespaces, exact):
+    from lorafleet.operator.config import OperatorConfig
+
+    assert OperatorConfig(namespaces=namespaces).exact_namespaces is exact

@@ -4,43 +4,28 @@
 The emulator is stateful but not a cluster: it fills no uid or timestamps, stores no Namespaces,
 runs no controllers and collects no garbage, so tests supply uids, namespaces and Deployment
 statuses themselves (and `Emulator` adds resourceVersions). It slows as objects pile up: keep
-each test's object count small.
+each test's object count small. The emulator and the operator's thread runner are shared with
+the operator benchmark (bench/operator_bench.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kmock
 import kopf
 import pytest
 
+from lorafleet.bench.operator_bench import Emulator, OperatorThread, emulated_api
 from lorafleet.operator.config import OperatorConfig
-from lorafleet.operator.handlers import build_registry
 from lorafleet.operator.kube import KubeClient, object_path
 from lorafleet.operator.registry_writer import WriterSettings
-
-CUSTOM_RESOURCES = {
-    "lorafleet.io/v1alpha1/basemodels": {
-        "kind": "BaseModel",
-        "shortnames": ["bm"],
-        "subresources": ["status", "scale"],
-    },
-    "lorafleet.io/v1alpha1/loraadapters": {
-        "kind": "LoRAAdapter",
-        "shortnames": ["lora"],
-        "subresources": ["status"],
-    },
-}
-VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,25 +46,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-class Emulator(kmock.KubernetesEmulator):
-    """kmock's emulator with a resourceVersion that changes on every write, as on a real API server.
-
-    kopf relies on it: after patching an object it skips watch events older than its patch's
-    resourceVersion. With a constant version, stale events look fresh and the handlers run again
-    for changes they already handled. (`_handle` is kmock's request hook, pinned at kmock 0.8.)
-    """
-
-    async def _handle(self, request: Any) -> Any:
-        if request.action in (kmock.action.CREATE, kmock.action.UPDATE) and isinstance(request.data, dict):
-            request.data.setdefault("metadata", {})["resourceVersion"] = str(request.id + 1)
-        return await super()._handle(request)
-
-
 @dataclass
 class Cluster:
     """The emulator, and a client to act as the user (kubectl) would."""
 
-    emulator: kmock.KubernetesEmulator
+    emulator: Emulator
     connection: kopf.ConnectionInfo
     api: KubeClient
 
@@ -134,11 +105,7 @@ class Cluster:
 @pytest.fixture
 async def kube() -> AsyncIterator[Cluster]:
     """A fresh emulated API server on 127.0.0.1 with the built-in kinds and the lorafleet CRDs."""
-    async with Emulator() as emulator, kmock.Server(emulator) as server:
-        emulator.resources.load_bundled()
-        for key, info in CUSTOM_RESOURCES.items():
-            emulator.resources[key] = {"namespaced": True, "verbs": VERBS, **info}  # type: ignore[typeddict-item]
-        connection = kopf.ConnectionInfo(server=f"http://{server.host}:{server.port}", token="test-token")
+    async with emulated_api() as (emulator, connection):
         api = KubeClient(connection)
         try:
             yield Cluster(emulator, connection, api)
@@ -146,64 +113,9 @@ async def kube() -> AsyncIterator[Cluster]:
             await api.close()
 
 
-@dataclass
-class RunningOperator:
-    """The real operator (all its handlers) in its own thread and event loop; stop() and start()
-    again to simulate a restart.
-
-    Its own loop, as kopf's embedding guide advises: on shutdown kopf cancels every task of its
-    loop created after it started, which in the test's loop would be the test itself, the
-    fixtures' finalizers and the emulator's request handlers.
-    """
-
-    cluster: Cluster
-    config: OperatorConfig
-    _thread: threading.Thread | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _error: BaseException | None = None
-
-    async def start(self, timeout_s: float = 20) -> None:
-        self._stop, ready, self._error = threading.Event(), threading.Event(), None
-        registry = build_registry(self.config, self.cluster.connection)
-
-        def run() -> None:
-            try:
-                asyncio.run(
-                    kopf.operator(
-                        registry=registry,
-                        clusterwide=True,
-                        standalone=True,
-                        stop_flag=self._stop,
-                        ready_flag=ready,
-                    )
-                )
-            except BaseException as e:  # re-raised in the test by start() or stop()
-                self._error = e
-            finally:
-                ready.set()
-
-        self._thread = threading.Thread(target=run, name="operator", daemon=True)
-        self._thread.start()
-        if not await asyncio.to_thread(ready.wait, timeout_s):
-            raise TimeoutError(f"the operator did not start within {timeout_s} s")
-        if self._error is not None:
-            raise self._error
-
-    async def stop(self, timeout_s: float = 20) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        await asyncio.to_thread(thread.join, timeout_s)
-        if thread.is_alive():
-            raise TimeoutError(f"the operator did not stop within {timeout_s} s")
-        if self._error is not None:
-            raise self._error
-
-
 # Fast timings for tests: short debounce, frequent status refresh, quick retries.
 TEST_CONFIG = OperatorConfig(
-    writer=WriterSettings(debounce_s=0.05, max_delay_s=0.5, retry_s=0.2),
+    writer=WriterSettings(debounce_s=0.05, max_delay_s=0.5, min_interval_s=0.1, retry_s=0.2),
     retry_delay_s=0.5,
     status_interval_s=0.5,
     revalidate_interval_s=3600,
@@ -216,17 +128,18 @@ class _ErrorLog(logging.Handler):
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(("kopf", "lorafleet")):
+        # kopf logs a `TemporaryError` (an expected retry: S3 or the API unavailable) at ERROR too.
+        if record.name.startswith(("kopf", "lorafleet")) and "failed temporarily" not in record.getMessage():
             self.records.append(record)
 
 
 @pytest.fixture
-async def operator(kube: Cluster) -> AsyncIterator[RunningOperator]:
+async def operator(kube: Cluster) -> AsyncIterator[OperatorThread]:
     """The operator, started against `kube`. A handler that failed with an unexpected error (kopf
     logs it and retries) fails the test."""
     errors = _ErrorLog()
     logging.getLogger().addHandler(errors)
-    running = RunningOperator(kube, TEST_CONFIG)
+    running = OperatorThread(TEST_CONFIG, kube.connection)
     try:
         await running.start()
         yield running
