@@ -1,0 +1,66 @@
+"""`lorafleet bench lora` end to end on the tiny model, with adapters served from a real S3 server.
+
+Benchmarks are never timing assertions: this checks the JSON's shape, counts and sane values only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorafleet.bench.cli import main
+from lorafleet.bench.lora_adapters import zipf_choices
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SYSTEMS = ["base", "lorafleet_1", "lorafleet_3", "peft_mixed"]
+
+
+def test_zipf_choices_favour_the_first_adapters() -> None:
+    draws = zipf_choices(2000, 8, 1.0, seed=0)
+    assert draws == zipf_choices(2000, 8, 1.0, seed=0)
+    assert set(draws) <= set(range(8))
+    assert draws.count(0) > draws.count(1) > draws.count(7)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls on two OpenMP threads spin against other processes on a shared 2-core
+    machine (10x slower under load); one thread keeps the test short."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_lora_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    json_path, png_path = tmp_path / "lora.json", tmp_path / "lora.png"
+    argv = ["lora", "--adapters", "3", "--requests", "6", "--max-new-tokens", "4", "--rank", "4"]
+    argv += ["--max-loras", "4", "--cold-samples", "2", "--kv-cache-mib", "4", "--model", str(tiny_llama_dir)]
+    argv += ["--json", str(json_path), "--plot", str(png_path), "--matmul-seconds", "0.05"]
+    assert main(argv) == 0
+
+    report = json.loads(json_path.read_text())
+    assert list(report["results"]) == SYSTEMS
+    for name, result in report["results"].items():
+        assert set(result) == {"tok_s", "ttft_p50_s", "tpot_p50_s", "tokens", "seconds"}, name
+        assert result["tokens"] == 6 * 4, name  # EOS is ignored: exactly M tokens per request
+        assert result["tok_s"] > 0 and result["seconds"] > 0, name
+    assert set(report["cold_load_s"]) == {"s3", "disk", "cpu"}
+    for tier, p in report["cold_load_s"].items():
+        assert 0 < p["p50"] <= p["p99"], tier
+    assert math.isfinite(report["cold_ttft_penalty_s"])
+    assert report["tpot_during_load_ratio"] > 0
+    assert report["load_details"]["loading_steps"] > 0
+    assert set(report["ratios"]) == {f"{s}_vs_base" for s in SYSTEMS[1:]} | {"lorafleet_3_vs_peft_mixed"}
+    c = report["config"]
+    assert c["peft_adapters"] == 3 and c["rank"] == 4 and c["requests"] == 6
+    assert c["distinct_adapters"]["base"] == 0 and c["distinct_adapters"]["lorafleet_1"] == 1
+    assert 1 <= c["distinct_adapters"]["lorafleet_3"] <= 3
+    assert len(c["target_modules"]) == 7
+    assert png_path.read_bytes()[:8] == PNG_SIGNATURE
