@@ -115,6 +115,7 @@ def create_app(
     app[METRICS] = Metrics()
     app[STATE] = ServerState()
     llm = engine.engine
+    app[METRICS].adapters.max_lora = llm.config.lora.max_loras if llm.config.lora else 0
     app[VOCAB] = Vocab(frozenset(llm.eos_token_ids), frozenset(llm.tokenizer.all_special_ids))
     app.add_routes(routes)
     app.cleanup_ctx.append(_engine_lifecycle)

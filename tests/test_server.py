@@ -410,7 +410,7 @@ async def test_metrics_expose_the_inference_gateway_gauges(start_server):
     assert info.labels["running_lora_adapters"] == "acme/support" and info.value > 1e9
     assert value(idle, "vllm:kv_cache_usage_perc") == 0 and value(idle, "vllm:num_requests_waiting") == 0
     (info,) = idle["vllm:lora_requests_info"].samples
-    assert info.labels["running_lora_adapters"] == "" and info.labels["max_lora"] == "0"
+    assert info.labels["running_lora_adapters"] == "" and info.labels["max_lora"] == "2"
     assert value(idle, "lorafleet_http_requests_total", route="/v1/completions", status="200") == 2
     assert value(idle, "lorafleet_e2e_request_latency_seconds_count") == 2
     assert value(idle, "lorafleet_time_to_first_token_seconds_count") == 2

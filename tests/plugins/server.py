@@ -89,6 +89,11 @@ def served_adapters(tiny_llama_dir, tmp_path_factory) -> Iterator[ServedAdapters
         tiny_llama_dir, AdapterStoreConfig(max_rank=16), MODEL_NAME, adapter_dir=str(root)
     )
     assert adapters is not None
+    # Warm, so that tests which gate engine steps do not spend their steps on a cold load
+    # (cold loads through a server are tested in test_dev.py and test_tenant_docs.py).
+    for adapter_id in SERVED_ADAPTERS:
+        adapters.store.request(adapter_id)
+        assert adapters.store.wait(adapter_id, timeout_s=60).state == "ready"
     yield adapters
     adapters.close()
 
