@@ -140,7 +140,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--prompts",
         type=Path,
         metavar="JSONL",
-        help="workload (default: <repo>/../shared/bench/prompts.jsonl)",
+        help="workload (default: <repo>/../shared/bench/prompts.jsonl, else the copy in bench/)",
     )
 
 
@@ -303,7 +303,7 @@ def _add_serve(kinds: argparse._SubParsersAction) -> None:
         "--prompts",
         type=Path,
         metavar="JSONL",
-        help="workload (default: <repo>/../shared/bench/prompts.jsonl)",
+        help="workload (default: <repo>/../shared/bench/prompts.jsonl, else the copy in bench/)",
     )
 
 

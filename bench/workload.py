@@ -13,10 +13,14 @@ from typing import Any
 Messages = list[dict[str, str]]
 
 
+SHIPPED_PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"  # a copy, for clones without ../shared
+
+
 def default_prompts_path() -> Path:
-    """`<repo root>/../shared/bench/prompts.jsonl`, the file every benchmark shares."""
-    repo_root = Path(__file__).resolve().parents[1]
-    return repo_root.parent / "shared" / "bench" / "prompts.jsonl"
+    """`<repo root>/../shared/bench/prompts.jsonl`, the file every benchmark shares, when it is there;
+    else the copy shipped in the package (tests check the two are identical)."""
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "prompts.jsonl"
+    return shared if shared.is_file() else SHIPPED_PROMPTS
 
 
 def load_messages(n: int, path: Path | None = None) -> list[Messages]:

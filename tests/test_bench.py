@@ -14,7 +14,7 @@ import pytest
 from lorafleet.bench.cli import main
 from lorafleet.bench.stats import RequestTiming, percentile, summarize
 from lorafleet.bench.throughput import SYSTEMS
-from lorafleet.bench.workload import default_prompts_path, load_messages
+from lorafleet.bench.workload import SHIPPED_PROMPTS, default_prompts_path, load_messages
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -48,7 +48,14 @@ def test_workload_is_a_prefix_of_the_file(tmp_path: Path) -> None:
     assert load_messages(2, path) == [rows[0]["messages"], rows[1]["messages"]]
     with pytest.raises(ValueError, match="fewer than the 4"):
         load_messages(4, path)
-    assert default_prompts_path().parts[-3:] == ("shared", "bench", "prompts.jsonl")
+    assert default_prompts_path().name == "prompts.jsonl" and default_prompts_path().is_file()
+
+
+def test_shipped_workload_is_the_shared_one() -> None:
+    shared = Path(__file__).resolve().parents[2] / "shared" / "bench" / "prompts.jsonl"
+    if shared.is_file():  # in a checkout beside shared/; a clean clone elsewhere has only the copy
+        assert SHIPPED_PROMPTS.read_bytes() == shared.read_bytes()
+    assert len(SHIPPED_PROMPTS.read_text().splitlines()) >= 128
 
 
 def test_throughput_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:

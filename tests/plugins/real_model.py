@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from lorafleet.bench.workload import default_prompts_path
 from lorafleet.engine.model_source import default_cache_dir, resolve_model
 
-PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "bench" / "prompts.jsonl"
+PROMPTS = default_prompts_path()
 
 
 @pytest.fixture(scope="session")
