@@ -38,7 +38,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache budget in MiB (default 512)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     g.add_argument(
-        "--max-num-batched-tokens", type=int, default=256, help="token budget of one step (default 256)"
+        "--max-num-batched-tokens", type=int, default=512, help="token budget of one step (default 512)"
     )
     g.add_argument("--max-num-seqs", type=int, default=128, help="running requests at once (default 128)")
     g.add_argument("--seed", type=int, default=0, help="seed for requests without their own (default 0)")
