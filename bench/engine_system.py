@@ -14,11 +14,19 @@ from lorafleet.engine.request import SamplingParams
 from .stats import RequestTiming, SystemRun
 
 
+STATIC_BATCH = 16
+
+
 class LoRAFleetSystem:
     """One engine, built once (model load and KV cache allocation are not timed), run many times."""
 
     def __init__(self, model_dir: Path, dtype: str, mode: Literal["continuous", "static"]) -> None:
-        config = EngineConfig(model=str(model_dir), dtype=dtype, scheduler=SchedulerConfig(mode=mode))
+        # Static batches of 16, as hf_static's: with one batch of all 128 requests, static and
+        # continuous scheduling would be the same thing.
+        sched = (
+            SchedulerConfig(mode=mode, max_num_seqs=STATIC_BATCH) if mode == "static" else SchedulerConfig()
+        )
+        config = EngineConfig(model=str(model_dir), dtype=dtype, scheduler=sched)
         self.engine = LLMEngine(config)
 
     def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> SystemRun:

@@ -84,6 +84,7 @@ class Scheduler:
         self._turns: deque[str | None] = deque()  # adapters with waiting requests, in round-robin order
         self.running: list[Request] = []
         self._step = 0
+        self._forming = True  # static mode: the batch still takes requests
         self._slotted_at: dict[str, int] = {}  # step at which an adapter took its slot
         self._yielding: set[str] = set()  # slotted adapters admitting nothing until they lose the slot
         self._reserve = int(config.admission_watermark * kv.num_blocks)
@@ -148,9 +149,16 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # Admitting while preempting would thrash; static mode admits only into an empty batch.
-        if not out.preempted and not (self.config.mode == "static" and self.running):
+        # Admitting while preempting would thrash. Static mode forms a batch (up to max_num_seqs,
+        # its prompts chunked over as many steps as the budget needs), then admits nothing more
+        # until the whole batch has finished.
+        static = self.config.mode == "static"
+        if static and not self.running:
+            self._forming = True
+        if not out.preempted and not (static and not self._forming):
             self._admit(out, budget)
+            if len(self.running) >= self.config.max_num_seqs or not self.queues:
+                self._forming = False
         self._prefetch()
         return out
 

@@ -98,13 +98,25 @@ def test_static_mode_admits_only_into_an_empty_batch():
     s = make(budget=64, mode="static")
     s.add(req("a", max_tokens=1))
     s.add(req("b", max_tokens=3))
-    fake_step(s)
+    fake_step(s)  # both prompts fit this step: the batch produced tokens and is now closed
     s.add(req("c", max_tokens=1))
     out, _ = fake_step(s)
     assert [c.request.request_id for c in out.chunks] == ["b"]  # c waits although there is room
     fake_step(s)
     out, _ = fake_step(s)
     assert [c.request.request_id for c in out.chunks] == ["c"]
+
+
+def test_static_batch_fills_over_several_prefill_steps():
+    s = make(budget=8, mode="static", max_seqs=4)
+    for i in range(6):
+        s.add(req(f"r{i}", prompt_len=5, max_tokens=2))
+    sizes = []
+    while s.has_work():
+        out, _ = fake_step(s)
+        sizes.append(len(s.running) + len([c for c in out.chunks if c.request.finished]))
+    # The first batch grows to max_num_seqs while its prompts prefill, then runs alone.
+    assert max(sizes) == 4 and s.kv.num_free_blocks == s.kv.num_blocks
 
 
 def test_max_num_seqs_bounds_the_running_batch():
