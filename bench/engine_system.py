@@ -13,7 +13,6 @@ from lorafleet.engine.request import SamplingParams
 
 from .stats import RequestTiming, SystemRun
 
-
 STATIC_BATCH = 16
 
 
