@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.engine.adapter_store import AdapterStore
+from lorafleet.engine.async_engine import IDLE_POLL_S
 from lorafleet.engine.llm_engine import LLMEngine
 from lorafleet.engine.request import FinishReason, SamplingParams
 
@@ -129,9 +130,12 @@ def ttft(engine: LLMEngine, prompt: Sequence[int], adapter: str) -> float:
     req = engine.add_request(list(prompt), FIRST_TOKEN, adapter_id=adapter)
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while engine.has_unfinished():
-        for out in engine.step():
+        outputs = engine.step()
+        for out in outputs:
             if out.error:
                 raise RuntimeError(f"request for {adapter} failed: {out.error}")
+        if not outputs and not engine.scheduler.running:
+            time.sleep(IDLE_POLL_S)  # as AsyncEngine does while every request waits for a load
         if time.monotonic() > deadline:
             raise RuntimeError(f"no first token for {adapter} within {LOAD_TIMEOUT_S:g} s")
     assert req.first_token_time is not None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (adapter id, version)
 Tier = Literal["cpu", "disk", "s3"]
+LOADER_NICE = 10  # niceness of loader threads (Linux: per thread)
 LOAD_SAMPLES = 4096  # latency samples kept per source, newest last
 
 
@@ -161,7 +163,9 @@ class AdapterStore:
             config.s3_max_attempts,
         )
         self._disk = DiskTier(config.disk_dir, config.disk_bytes) if config.disk_dir else None
-        self._pool = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="adapter-load")
+        self._pool = ThreadPoolExecutor(
+            config.fetch_threads, thread_name_prefix="adapter-load", initializer=_lower_priority
+        )
         self._lock = threading.Lock()
         self._registry = Registry(registry.base_model)
         self._cpu: OrderedDict[Key, LoadedAdapter] = OrderedDict()  # least recently used first
@@ -438,3 +442,10 @@ def _load_error(key: Key, e: Exception) -> AdapterLoadError:
         return AdapterLoadError(*key, e.reason, f"refused ({e.reason}): {e}", retryable=False)
     assert isinstance(e, SourceUnavailable)
     return AdapterLoadError(*key, e.reason, str(e), retryable=True)
+
+
+def _lower_priority() -> None:
+    """Loader threads yield the CPU to the step loop: on a CPU-only host, deserializing an adapter
+    competes with the forward pass for the same cores, and running tokens matter more."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux, or not permitted
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)

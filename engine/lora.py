@@ -34,9 +34,24 @@ class LoRAWeights(Protocol):
 
 @dataclass
 class LoRABatch:
-    """This step's token segments: (slot, start row, end row). Shared by every LoRALinear."""
+    """This step's token segments, shared by every LoRALinear: the packed rows split into
+    consecutive pieces of `sizes`, and (piece index, slot) for the pieces an adapter owns."""
 
-    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    parts: list[tuple[int, int]] = field(default_factory=list)
+
+    def set(self, segments: list[tuple[int, int, int]], num_rows: int) -> None:
+        """From (slot, start row, end row) segments, sorted and disjoint, over `num_rows` rows."""
+        self.sizes, self.parts = [], []
+        row = 0
+        for slot, start, end in segments:
+            if start > row:
+                self.sizes.append(start - row)
+            self.parts.append((len(self.sizes), slot))
+            self.sizes.append(end - start)
+            row = end
+        if row < num_rows:
+            self.sizes.append(num_rows - row)
 
 
 class BaseProjection(Protocol):
@@ -62,6 +77,10 @@ class LoRALinear(nn.Module):
         self.lora_b = torch.zeros(num_slots, max_rank, base.out_features, dtype=dtype, device=device)
         self.ranks = [0] * num_slots  # 0: the slot's adapter does not target this projection
         self.scales = [0.0] * num_slots
+        # Per slot, views of A.T [in, r] and B [r, out] (None: no adapter), built once per load so
+        # that the forward pass issues only two matmuls per adapter segment.
+        self._a: list[torch.Tensor | None] = [None] * num_slots
+        self._b: list[torch.Tensor | None] = [None] * num_slots
 
     def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Load A [r, in] and B [out, r] into `slot`."""
@@ -72,20 +91,24 @@ class LoRALinear(nn.Module):
         self.lora_a[slot, :r] = a
         self.lora_b[slot, :r] = b.T
         self.ranks[slot], self.scales[slot] = r, scale
+        self._a[slot], self._b[slot] = self.lora_a[slot, :r].T, self.lora_b[slot, :r]
 
     def reset_lora(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.ranks[slot], self.scales[slot] = 0, 0.0
+        self._a[slot] = self._b[slot] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Semantics: y[i] = base(x[i]) + scale[s] * (x[i] @ A[s].T) @ B[s].T, s = slot of token i."""
         y = self.base(x)
-        for slot, start, end in self.batch.segments:
-            r = self.ranks[slot]
-            if r:
-                shrunk = x[start:end] @ self.lora_a[slot, :r].T
-                y[start:end].addmm_(shrunk, self.lora_b[slot, :r], alpha=self.scales[slot])
+        if not self.batch.parts:
+            return y
+        xs, ys = x.split(self.batch.sizes), y.split(self.batch.sizes)
+        for i, slot in self.batch.parts:
+            a, b = self._a[slot], self._b[slot]
+            if a is not None and b is not None:
+                ys[i].addmm_(xs[i] @ a, b, alpha=self.scales[slot])  # in place: ys[i] is a view of y
         return y
 
 

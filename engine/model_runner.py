@@ -221,7 +221,7 @@ class ModelRunner:
             )
             for g in groups.values()
         ]
-        self.lora_batch.segments = segments
+        self.lora_batch.set(segments, len(ids))
         meta = AttentionMetadata(torch.tensor(slots, device=self.device), attn_groups)
         inputs = StepInputs(
             torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta
