@@ -19,7 +19,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 DEFAULT_MAX_BYTES = 1 << 30  # a rank-64 adapter on every projection of a 7B model is ~640 MB in fp32
+HEADER_PROBE_BYTES = 64 << 10  # one ranged read covers the header of an adapter with ~400 tensors
 MAX_HEADER_BYTES = 8 << 20  # a full-coverage adapter of an 80-layer model has a header of ~150 KB
 _TENSOR_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<ab>lora_A|lora_B)\.weight")
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
@@ -322,6 +323,17 @@ def header_length(first8: bytes) -> int:
     if not 2 <= n <= MAX_HEADER_BYTES:
         raise AdapterError("CorruptSafetensors", f"{WEIGHTS_NAME} header length {n} is out of bounds")
     return 8 + n
+
+
+def read_safetensors_head(read: Callable[[int, int], bytes], file_size: int) -> bytes:
+    """The first bytes of a safetensors file, through its whole header, with at most two ranged
+    reads (`read(first, last)`, inclusive): a probe of HEADER_PROBE_BYTES, then the rest of the
+    header if it is longer. Nothing past the header is read."""
+    head = read(0, min(HEADER_PROBE_BYTES, file_size) - 1) if file_size else b""
+    needed = header_length(head)
+    if len(head) < needed <= file_size:
+        head += read(len(head), needed - 1)
+    return head
 
 
 def parse_safetensors_header(head: bytes, file_size: int) -> SafetensorsHeader:

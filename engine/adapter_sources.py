@@ -35,9 +35,9 @@ from .adapter_format import (
     BaseModelSpec,
     check_files,
     check_weights,
-    header_length,
     parse_adapter_config,
     parse_safetensors_header,
+    read_safetensors_head,
     validate_adapter_dir,
 )
 from .registry import Registry, RegistryEntry, validate_adapter_id
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 FILE_NAMES = (CONFIG_NAME, WEIGHTS_NAME)
 MAX_CONFIG_BYTES = 1 << 20  # S3PrefixRegistry reads configs for rank and targets; PEFT's are ~1 KB
-HEADER_PROBE_BYTES = 64 << 10  # one ranged GET covers the header of an adapter with ~400 tensors
 
 
 class SourceUnavailable(Exception):
@@ -103,14 +102,7 @@ def fetch_s3_adapter(
                 "retry once the registry is reloaded",
             )
         lora = parse_adapter_config(_get(client, bucket, config), base)
-        head = (
-            _get(client, bucket, weights, (0, min(HEADER_PROBE_BYTES, weights.size) - 1))
-            if weights.size
-            else b""
-        )
-        needed = header_length(head)
-        if len(head) < needed <= weights.size:
-            head += _get(client, bucket, weights, (len(head), needed - 1))
+        head = read_safetensors_head(lambda a, b: _get(client, bucket, weights, (a, b)), weights.size)
         check_weights(lora, parse_safetensors_header(head, weights.size), base, weights.size)
         fetch_objects(client, bucket, [config, weights], dest, progress=False)
     return {name: (dest / name).read_bytes() for name in FILE_NAMES}

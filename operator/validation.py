@@ -25,15 +25,13 @@ from lorafleet.engine.adapter_format import (
     BaseModelSpec,
     check_files,
     check_weights,
-    header_length,
     parse_adapter_config,
     parse_safetensors_header,
+    read_safetensors_head,
 )
 from lorafleet.engine.s3 import S3Client, S3SourceError, list_objects, parse_s3_uri
 
 from .spec import BaseModel, LoRAAdapter, selector_matches
-
-HEADER_PROBE_BYTES = 64 << 10  # one ranged GET covers the header of any adapter up to ~400 tensors
 
 
 class S3Unavailable(Exception):
@@ -117,10 +115,7 @@ def validate_in_s3(client: S3Client, uri: str, base: BaseModelSpec, max_bytes: i
         raise AdapterError(
             "CorruptSafetensors", f"{where} is {weights.size} bytes: too short to be safetensors"
         )
-    head = _get(client, bucket, weights.key, where, (0, min(HEADER_PROBE_BYTES, weights.size) - 1))
-    needed = header_length(head)
-    if needed > len(head) and needed <= weights.size:
-        head += _get(client, bucket, weights.key, where, (len(head), needed - 1))
+    head = read_safetensors_head(lambda a, b: _get(client, bucket, weights.key, where, (a, b)), weights.size)
     header = parse_safetensors_header(head, weights.size)
     return ValidatedAdapter(check_weights(config, header, base, weights.size), weights.etag)
 
