@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoConfig, AutoTokenizer
 
 from lorafleet.engine.adapter_store import AdapterStore, AdapterStoreConfig
 from lorafleet.engine.adapters import ServedAdapters, base_spec
 from lorafleet.engine.config import DTYPES, CacheConfig, EngineConfig, LoRAConfig
-from lorafleet.engine.llm_engine import LLMEngine, eos_token_ids
+from lorafleet.engine.llm_engine import LLMEngine
 from lorafleet.engine.registry import RegistryWatcher
 from lorafleet.engine.request import SamplingParams
 from lorafleet.engine.weed import WeedS3
@@ -36,11 +35,9 @@ from lorafleet.engine.weed import WeedS3
 from .hf_baselines import STATIC_BATCH_SIZE, load_hf_model, run_hf_static
 from .lora_adapters import PublishedAdapters, adapter_id, publish_adapters, zipf_choices
 from .lora_cold import LOAD_TIMEOUT_S, cold_adapter_names, measure_cold_loads
-from .machine import describe_machine
 from .report import THROUGHPUT_PANELS, plot_bars, write_json
 from .stats import RequestTiming, SystemRun
-from .throughput import MODEL_SHAPED_TOKENS
-from .workload import chat_prompts, default_prompts_path, load_messages
+from .throughput import prepare_workload
 
 log = logging.getLogger(__name__)
 
@@ -227,14 +224,10 @@ def run_peft(bench: Bench, prompts: list[list[int]], adapters: list[str], pad: i
 
 def run_lora(config: LoRABenchConfig) -> dict[str, Any]:
     """Run the benchmark and return its JSON payload."""
-    tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
-    prompts_path = config.prompts_path or default_prompts_path()
-    prompts = chat_prompts(tokenizer, load_messages(config.requests, prompts_path))
-    eos = sorted(eos_token_ids(config.model_dir, tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    model_config = AutoConfig.from_pretrained(config.model_dir)
-    shape = (MODEL_SHAPED_TOKENS, model_config.hidden_size, model_config.intermediate_size)
-    machine = describe_machine(getattr(torch, config.dtype), shape, min_seconds=config.matmul_seconds)
+    w = prepare_workload(
+        config.model_dir, config.requests, config.prompts_path, config.dtype, config.matmul_seconds
+    )
+    prompts_path, prompts, pad, machine = w.prompts_path, w.prompts, w.pad, w.machine
 
     workloads = config.workloads()
     used = sorted({adapter_id(i) for w in workloads.values() for i in w if i is not None})

@@ -102,17 +102,38 @@ def identical_fraction(runs: dict[str, SystemRun], reference: str) -> dict[str, 
     return {name: sum(a == b for a, b in zip(run.token_ids, ref)) / len(ref) for name, run in runs.items()}
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What every generation benchmark starts from: the prompts as token ids, the model's EOS and
+    pad ids, and the machine's description (with its matmul FLOP/s in `dtype`)."""
+
+    prompts_path: Path
+    prompts: list[list[int]]
+    eos: list[int]
+    pad: int
+    machine: dict[str, Any]
+
+
+def prepare_workload(
+    model_dir: Path, requests: int, prompts_path: Path | None, dtype: str, matmul_seconds: float
+) -> Workload:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts_path = prompts_path or default_prompts_path()
+    prompts = chat_prompts(tokenizer, load_messages(requests, prompts_path))
+    eos = sorted(eos_token_ids(model_dir, tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    model_config = AutoConfig.from_pretrained(model_dir)
+    shape = (MODEL_SHAPED_TOKENS, model_config.hidden_size, model_config.intermediate_size)
+    machine = describe_machine(getattr(torch, dtype), shape, min_seconds=matmul_seconds)
+    return Workload(prompts_path, prompts, eos, pad, machine)
+
+
 def run_throughput(config: ThroughputConfig) -> dict[str, Any]:
     """Run the benchmark and return its JSON payload."""
-    tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
-    prompts_path = config.prompts_path or default_prompts_path()
-    prompts = chat_prompts(tokenizer, load_messages(config.requests, prompts_path))
-    eos = sorted(eos_token_ids(config.model_dir, tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-
-    model_config = AutoConfig.from_pretrained(config.model_dir)
-    shape = (MODEL_SHAPED_TOKENS, model_config.hidden_size, model_config.intermediate_size)
-    machine = describe_machine(getattr(torch, config.dtype), shape, min_seconds=config.matmul_seconds)
+    w = prepare_workload(
+        config.model_dir, config.requests, config.prompts_path, config.dtype, config.matmul_seconds
+    )
+    prompts_path, prompts, eos, pad, machine = w.prompts_path, w.prompts, w.eos, w.pad, w.machine
     params = num_parameters(config.model_dir)
 
     runs = run_systems(config, prompts, eos, pad)
