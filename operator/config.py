@@ -21,6 +21,9 @@ class OperatorConfig:
     # Each adapter's S3 ETag is rechecked this often: a re-upload under the same URI is picked up,
     # and an adapter that failed (missing object, BaseModel absent) is tried again.
     revalidate_interval_s: float = 300.0
+    # A credentials Secret is reread after this long: rotated keys are picked up within a minute,
+    # and a burst of adapters sharing one Secret costs the API server one read.
+    secret_ttl_s: float = 60.0
 
     @property
     def exact_namespaces(self) -> bool:
@@ -29,7 +32,7 @@ class OperatorConfig:
         return bool(self.namespaces) and not any(set("*?[!") & set(ns) for ns in self.namespaces)
 
     def __post_init__(self) -> None:
-        for name in ("retry_delay_s", "status_interval_s", "revalidate_interval_s"):
+        for name in ("retry_delay_s", "status_interval_s", "revalidate_interval_s", "secret_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.adapter_max_bytes < 1:

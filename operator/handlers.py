@@ -65,6 +65,8 @@ class Operator:
         self._published: dict[tuple[str, str], bytes] = {}  # ConfigMap (ns, name) -> shard bytes last written
         self._s3_clients: dict[tuple[Any, ...], S3Client] = {}
         self._base_specs: dict[str, BaseModelSpec] = {}
+        self._secrets: dict[tuple[str, str], tuple[float, tuple[str, ...]]] = {}  # -> (expiry, key pair)
+        self._secret_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     # -- registry ConfigMaps ---------------------------------------------------------------------
 
@@ -113,8 +115,25 @@ class Operator:
     async def s3_client(
         self, endpoint: str | None, region: str | None, namespace: str, secret: str | None
     ) -> S3Client:
-        creds: tuple[str, ...] = ()
-        if secret:
+        creds = await self._credentials(namespace, secret) if secret else ()
+        key = (endpoint, region, creds)
+        if key not in self._s3_clients:
+            import boto3
+
+            session = boto3.Session(*creds) if creds else boto3.Session()
+            self._s3_clients[key] = make_s3_client(
+                endpoint, region, max_attempts=2, read_timeout_s=10, session=session
+            )
+        return self._s3_clients[key]
+
+    async def _credentials(self, namespace: str, secret: str) -> tuple[str, ...]:
+        """The key pair in a Secret, read at most once per `secret_ttl_s` (single-flight):
+        publishing a thousand adapters that share one Secret must not read it a thousand times."""
+        async with self._secret_locks.setdefault((namespace, secret), asyncio.Lock()):
+            now = asyncio.get_running_loop().time()
+            cached = self._secrets.get((namespace, secret))
+            if cached is not None and now < cached[0]:
+                return cached[1]
             obj = await self.kube.get("Secret", namespace, secret)
             data = (obj or {}).get("data") or {}
             if "AWS_ACCESS_KEY_ID" not in data or "AWS_SECRET_ACCESS_KEY" not in data:
@@ -125,15 +144,8 @@ class Operator:
             creds = tuple(
                 base64.b64decode(data[k]).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
             )
-        key = (endpoint, region, creds)
-        if key not in self._s3_clients:
-            import boto3
-
-            session = boto3.Session(*creds) if creds else boto3.Session()
-            self._s3_clients[key] = make_s3_client(
-                endpoint, region, max_attempts=2, read_timeout_s=10, session=session
-            )
-        return self._s3_clients[key]
+            self._secrets[(namespace, secret)] = (now + self.config.secret_ttl_s, creds)
+            return creds
 
     async def base_spec(self, bm: BaseModel) -> BaseModelSpec:
         if bm.source != "s3" or bm.architecture is not None:
@@ -367,8 +379,11 @@ def build_registry(
     @kopf.on.startup(registry=registry, id="startup")
     async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
         settings.persistence.finalizer = f"{API_GROUP}/finalizer"
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
+        # kopf's bookkeeping (last handled spec, retry progress) lives in `status.kopf`, so it
+        # rides on the status patch each handler run makes anyway: a new adapter costs the API
+        # server two writes (finalizer, status) instead of three with annotations.
+        settings.persistence.progress_storage = kopf.StatusProgressStorage()
+        settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage()
         settings.posting.level = logging.WARNING  # Kubernetes Events for problems only
         # Scanning discovers namespaces matching patterns and CRDs added later; named namespaces
         # need neither (the chart installs the CRDs first), and a namespaced install lacks the RBAC.

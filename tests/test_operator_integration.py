@@ -11,6 +11,7 @@ import base64
 import gzip
 import json
 
+import kmock
 import pytest
 
 from lorafleet.engine.adapter_format import CONFIG_NAME, SMOLLM2_135M, WEIGHTS_NAME
@@ -234,6 +235,36 @@ async def test_restart_leaves_no_duplicates(kube, operator, weed, s3_bucket):
     for name in ("a0", "a1", "a2"):
         status = (await kube.get("LoRAAdapter", NS, name) or {})["status"]
         assert sorted(c["type"] for c in status["conditions"]) == ["Ready", "Validated"]
+
+
+async def test_a_burst_of_adapters_costs_two_writes_each(kube, operator, weed, s3_bucket):
+    """The API server is the shared resource: per adapter the operator adds its finalizer and
+    patches status once (kopf's bookkeeping rides in that patch), and a burst sharing one
+    credentials Secret reads it once."""
+    await setup_secret(kube, weed)
+    await kube.create(basemodel(weed))
+    await kube.wait_for("ConfigMap", NS, "smol-registry", lambda o: o is not None)
+    uri = upload(s3_bucket, "shared", smol_adapter())
+    names = [f"burst{i}" for i in range(6)]
+    for name in names:
+        await kube.create(adapter(name, uri))
+    for name in names:
+        await kube.wait_for("LoRAAdapter", NS, name, phase("Ready"))
+    assert set((await published(kube)).adapters) == {f"{NS}/{name}" for name in names}
+    await asyncio.sleep(1.0)  # a late extra write would land here
+
+    def requests(plural: str, *actions) -> list:
+        return [
+            r for r in kube.emulator if r.resource and r.resource.plural == plural and r.action in actions
+        ]
+
+    writes = requests("loraadapters", kmock.action.CREATE, kmock.action.UPDATE)
+    assert len(writes) == 3 * len(names), [(r.action, r.name, r.subresource) for r in writes]
+    assert len(requests("secrets", kmock.action.FETCH)) == 1
+    for name in names:
+        obj = await kube.get("LoRAAdapter", NS, name)
+        assert obj["metadata"]["finalizers"] == ["lorafleet.io/finalizer"]
+        assert "last-handled-configuration" in obj["status"]["kopf"]
 
 
 @pytest.mark.parametrize("corrupt", [b"not safetensors at all", b""])
