@@ -446,11 +446,16 @@ def build_registry(
         if shut_down():
             return
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        entries = list(adapters.get(key, ()))
+
+        def live() -> set[str]:
+            # The index as it is now, not before an await: an adapter created (and published) while
+            # mirror_status waited on the API server is not a deleted one.
+            return {f"{ns}/{name}" for (ns, name), _ in adapters.get(key, ())}
+
         try:
-            await op().mirror_status(body, _adapter_counts(entries))
+            await op().mirror_status(body, _adapter_counts(adapters.get(key)))
             if op().writer.snapshot(key) is not None:
-                stale = await op().writer.retain(key, {f"{ns}/{name}" for (ns, name), _ in entries})
+                stale = await op().writer.retain(key, live)
                 if stale:
                     logger.info("dropped registry entries of deleted adapters: %s", ", ".join(stale))
         except Exception:

@@ -100,10 +100,15 @@ class RegistryWriter:
         else:
             await self._wait_published(state, state.version)
 
-    async def retain(self, key: Key, adapter_ids: set[str]) -> list[str]:
-        """Drop entries whose adapter no longer exists (e.g. its finalizer was removed by hand)."""
+    async def retain(self, key: Key, live: Callable[[], set[str]]) -> list[str]:
+        """Drop entries whose adapter no longer exists (e.g. its finalizer was removed by hand).
+
+        `live()` names the adapters that exist; it is called at the moment of comparison, with no
+        await in between: an adapter created and published while the caller was busy must not be
+        mistaken for a deleted one.
+        """
         state = await self._state(key)
-        stale = sorted(set(state.adapters) - adapter_ids)
+        stale = sorted(set(state.adapters) - live())
         for adapter_id in stale:
             del state.adapters[adapter_id]
         if stale:

@@ -36,6 +36,11 @@ def test_operator_bench_reports_floor_time_to_ready_and_registry_writes(weed, tm
     assert set(saved["meets_targets"]) == {"ratio_to_floor", "configmap_writes"}
     times = [t for t, _ in saved["timeline"]]
     assert times == sorted(times) and saved["timeline"][-1][1] == ADAPTERS
+    # The same run on an emulator with a flat cost per request, to separate kmock's R^2 out.
+    bounded = saved["bounded_request_log"]
+    assert bounded["request_log_limit"] == OperatorBenchConfig().bounded_log
+    assert bounded["ratio_to_floor"] == bounded["seconds_to_ready"] / bounded["emulator_floor_s"]
+    assert bounded["timeline"][-1][1] == ADAPTERS and bounded["api_writes"]["loraadapters"] >= 2 * ADAPTERS
     assert (tmp_path / "op.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -370,7 +370,31 @@ async def test_a_restarted_writer_keeps_what_was_published_and_retries_failures(
             await writer.put(key, "models/new", entry(1), base_model="smol")
     await writer.put(key, "models/new", entry(1), base_model="smol")  # ... and the writer kept trying
     assert set(cms.published.adapters) == {"models/old", "models/new"}
-    assert await writer.retain(key, {"models/new"}) == ["models/old"]
+    assert await writer.retain(key, lambda: {"models/new"}) == ["models/old"]
+    assert set(cms.published.adapters) == {"models/new"}
+    await writer.close()
+
+
+async def test_retain_compares_with_the_adapters_that_exist_when_it_runs():
+    """The periodic sweep must not drop an adapter created and published while it was waiting
+    (for the API server, or here for the registry's first load): it asks who exists only when
+    it compares. Dropped, the adapter would stay Ready but unserved until its revalidation."""
+    cms = FakeConfigMaps()
+    loaded = asyncio.Event()
+
+    async def slow_load(key):
+        await loaded.wait()
+        return await cms.load(key)
+
+    writer = RegistryWriter(slow_load, cms.flush, FAST)
+    key, live = ("models", "smol"), {"models/old"}
+    put = asyncio.create_task(writer.put(key, "models/new", entry(1), base_model="smol"))
+    retain = asyncio.create_task(writer.retain(key, lambda: set(live)))
+    await asyncio.sleep(0.01)  # both wait for the load
+    live.add("models/new")  # the adapter appears in the index, then its handler publishes it
+    loaded.set()
+    await put
+    assert await retain == []
     assert set(cms.published.adapters) == {"models/new"}
     await writer.close()
 
