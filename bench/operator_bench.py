@@ -177,7 +177,7 @@ class OperatorBenchConfig:
     poll_s: float = 0.1  # how often the in-process Ready count is sampled
     # The same floor and run again on an emulator whose request log is trimmed to this many
     # (flat cost per request), to separate the operator's overhead from kmock's R^2; 0: skip.
-    bounded_log: int = 1000
+    bounded_log: int = 100
 
     def __post_init__(self) -> None:
         if self.adapters < 1:
