@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (adapter id, version)
 Tier = Literal["cpu", "disk", "s3"]
-LOADER_NICE = 10  # niceness of loader threads (Linux: per thread)
+LOADER_NICE = 15  # niceness of loader threads (Linux: per thread); see _lower_priority
 LOAD_SAMPLES = 4096  # latency samples kept per source, newest last
 
 
@@ -445,7 +445,12 @@ def _load_error(key: Key, e: Exception) -> AdapterLoadError:
 
 
 def _lower_priority() -> None:
-    """Loader threads yield the CPU to the step loop: on a CPU-only host, deserializing an adapter
-    competes with the forward pass for the same cores, and running tokens matter more."""
+    """Loader threads yield the CPU to the step loop: on a CPU-only host, fetching and
+    deserializing an adapter competes with the forward pass for the same cores, and running
+    tokens matter more. Measured on 2 cores with 16 requests decoding (bench lora): p50 step time
+    while loads run x1.17 at nice 10, x1.05 at 15, x1.0 at 19, while a load under that load
+    took about 0.9 s, 2 s and 4.5 s (0.18 s on an idle engine, whatever the niceness). 15 keeps
+    running requests within 10% and a cold adapter's wait within seconds. On a GPU host the
+    forward pass does not use these cores, and loads run at full speed either way."""
     with contextlib.suppress(OSError, AttributeError):  # not Linux, or not permitted
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
