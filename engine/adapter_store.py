@@ -51,6 +51,7 @@ Key = tuple[str, str]  # (adapter id, version)
 Tier = Literal["cpu", "disk", "s3"]
 LOADER_NICE = 15  # niceness of loader threads (Linux: per thread); see _lower_priority
 LOAD_SAMPLES = 4096  # latency samples kept per source, newest last
+PINNED_RETRY_S = 30.0  # a pinned adapter whose preload failed (retryably) is tried again this often
 
 
 class UnknownAdapter(KeyError):
@@ -247,6 +248,26 @@ class AdapterStore:
                     self._drop_stale(adapter_id)
             cold = [k for k, e in registry.adapters.items() if e.pinned and (k, e.version) not in self._cpu]
         for adapter_id in cold:  # pinned ones already in memory are not requested: no false CPU hits
+            self.request(adapter_id)
+
+    def retry_pinned(self, min_interval_s: float = PINNED_RETRY_S) -> None:
+        """Start again the preload of each pinned adapter whose last attempt failed retryably (S3
+        down, CPU tier full of in-use adapters) at least `min_interval_s` ago: pinned adapters are
+        meant to be in memory before anyone asks, not only after the next request fails."""
+        now = time.monotonic()
+
+        def due(load: _Load | None) -> bool:
+            if load is None or not load.done.is_set() or load.error is None:
+                return False  # never tried, loading, or loaded
+            return load.error.retryable and now - load.started >= min_interval_s
+
+        with self._lock:
+            retry = [
+                adapter_id
+                for adapter_id, entry in self._registry.adapters.items()
+                if entry.pinned and due(self._loads.get((adapter_id, entry.version)))
+            ]
+        for adapter_id in retry:
             self.request(adapter_id)
 
     # -- for tests, benchmarks and the metrics exporter -------------------------------------

@@ -133,6 +133,7 @@ class ServedAdapters:
         def run() -> None:
             while not self._stop.wait(interval_s):
                 self.refresh()
+                self.store.retry_pinned()
 
         self._thread = threading.Thread(target=run, name="adapter-registry", daemon=True)
         self._thread.start()

@@ -234,6 +234,25 @@ def test_pinned_adapters_are_preloaded_and_never_evicted(tmp_path, open_store):
     assert store.status("team/p").state == "absent"
 
 
+def test_a_pinned_adapter_whose_preload_failed_is_retried_without_a_request(tmp_path, open_store):
+    specs = {"team/a0": make_adapter_files(seed=0), "team/p": make_adapter_files(seed=9)}
+    registry = local_adapters(tmp_path, specs)
+    store = open_store(config(cpu_bytes=NBYTES), registry)
+    load(store, "team/a0")
+    assert store.acquire("team/a0") is not None  # in use: it fills the CPU tier
+    store.update_registry(pinned(registry, "team/p"))  # the preload cannot make room
+    status = store.wait("team/p", WAIT_S)
+    assert status.state == "failed" and status.retryable and status.error.reason == "CpuTierFull"
+
+    store.release("team/a0")
+    store.retry_pinned(min_interval_s=3600)  # tried too recently: nothing starts
+    assert store.status("team/p").state == "failed"
+    store.retry_pinned(min_interval_s=0)
+    assert store.wait("team/p", WAIT_S).state == "ready"  # nobody asked for it
+    assert_weights(store.get("team/p"), specs["team/p"])
+    assert store.status("team/a0").state == "absent"  # evicted to make room
+
+
 def test_adapter_larger_than_the_cpu_tier_is_refused(tmp_path, open_store):
     store = open_store(
         config(cpu_bytes=NBYTES - 1), local_adapters(tmp_path, {"team/big": make_adapter_files()})
