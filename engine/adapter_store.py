@@ -143,6 +143,11 @@ class _Load:
     error: AdapterLoadError | None = None
     future: Future[None] | None = None  # close() fails the loads it cancels before they start
 
+    @property
+    def retryable_failure(self) -> bool:
+        """Finished with an error that a new attempt may not meet (S3 down, CPU tier full)."""
+        return self.done.is_set() and self.error is not None and self.error.retryable
+
 
 class AdapterStore:
     def __init__(
@@ -202,7 +207,7 @@ class AdapterStore:
             if key in self._cpu:
                 self._cpu.move_to_end(key)
                 self._stats.hits["cpu"] += 1
-            elif load is None or (load.done.is_set() and load.error is not None and load.error.retryable):
+            elif load is None or load.retryable_failure:
                 self._stats.misses["cpu"] += 1
                 load = self._loads[key] = _Load(time.monotonic())
                 load.future = self._pool.submit(self._load, key, entry, load)
@@ -254,19 +259,14 @@ class AdapterStore:
         """Start again the preload of each pinned adapter whose last attempt failed retryably (S3
         down, CPU tier full of in-use adapters) at least `min_interval_s` ago: pinned adapters are
         meant to be in memory before anyone asks, not only after the next request fails."""
-        now = time.monotonic()
-
-        def due(load: _Load | None) -> bool:
-            if load is None or not load.done.is_set() or load.error is None:
-                return False  # never tried, loading, or loaded
-            return load.error.retryable and now - load.started >= min_interval_s
-
+        since = time.monotonic() - min_interval_s
         with self._lock:
-            retry = [
-                adapter_id
+            loads = [
+                (adapter_id, self._loads.get((adapter_id, entry.version)))
                 for adapter_id, entry in self._registry.adapters.items()
-                if entry.pinned and due(self._loads.get((adapter_id, entry.version)))
+                if entry.pinned
             ]
+            retry = [a for a, load in loads if load and load.retryable_failure and load.started <= since]
         for adapter_id in retry:
             self.request(adapter_id)
 
