@@ -267,6 +267,29 @@ async def test_a_burst_of_adapters_costs_two_writes_each(kube, operator, weed, s
         assert "last-handled-configuration" in obj["status"]["kopf"]
 
 
+async def test_a_secret_without_the_key_pair_fails_validation_and_is_not_cached(
+    kube, operator, weed, s3_bucket
+):
+    await kube.create(
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3", "namespace": NS}, "data": {}}
+    )
+    await kube.create(basemodel(weed))
+    await kube.create(adapter("a", upload(s3_bucket, "a", smol_adapter())))
+    failed = await kube.wait_for("LoRAAdapter", NS, "a", phase("Failed"))
+    validated = condition(failed, "Validated")
+    assert validated["reason"] == "CredentialsMissing" and "AWS_SECRET_ACCESS_KEY" in validated["message"]
+
+    # Fixed: the next reconcile reads the Secret again (a refusal is not cached).
+    def b64(s: str) -> str:
+        return base64.b64encode(s.encode()).decode()
+
+    keys = {"AWS_ACCESS_KEY_ID": b64(weed.access_key), "AWS_SECRET_ACCESS_KEY": b64(weed.secret_key)}
+    await kube.patch("Secret", NS, "s3", {"data": keys})
+    await kube.patch("LoRAAdapter", NS, "a", {"metadata": {"generation": 2}, "spec": {"pinned": True}})
+    ready = await kube.wait_for("LoRAAdapter", NS, "a", phase("Ready"))
+    assert weed.secret_key not in json.dumps(ready["status"])
+
+
 @pytest.mark.parametrize("corrupt", [b"not safetensors at all", b""])
 async def test_corrupt_weights(kube, operator, weed, s3_bucket, corrupt):
     await setup_secret(kube, weed)
