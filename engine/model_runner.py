@@ -16,6 +16,7 @@ from transformers import AutoConfig
 from . import quant
 from .attention import AttentionGroup, AttentionMetadata, build_group, group_key
 from .config import EngineConfig
+from .cpu_linear import pack_linears
 from .kv_cache import bytes_per_block
 from .lora import LoRABatch, LoRALinear, LoRAWeights, add_lora_slots
 from .model import CausalLM, ModelShape, StepInputs, rope_inv_freq
@@ -91,7 +92,9 @@ def load_model(
         state = {k: v for k, v in state.items() if k in expected}
     model.load_state_dict(state, assign=True)
     model.inv_freq = inv_freq.to(device)
-    return model.to(device).eval(), hf_config
+    model = model.to(device).eval()
+    pack_linears(model)  # CPU float32/bfloat16: oneDNN instead of MKL (see cpu_linear)
+    return model, hf_config
 
 
 class ModelRunner:

@@ -232,8 +232,11 @@ def weight_bytes(model: nn.Module) -> int:
     The KV cache and LoRA slots are plain attributes, not buffers, so they are not counted."""
     seen: dict[int, int] = {}
     for t in [*model.parameters(), *model.buffers()]:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if t.is_mkldnn:  # oneDNN's opaque layout (cpu_linear) has no storage and is never shared
+            seen[id(t)] = t.numel() * t.element_size()
+        else:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 

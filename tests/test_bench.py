@@ -75,7 +75,17 @@ def test_throughput_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     tokens = {name: result["tokens"] for name, result in report["results"].items()}
     assert len(set(tokens.values())) == 1, tokens
     assert math.isfinite(report["roofline_fraction"]) and report["roofline_fraction"] > 0
-    assert report["machine"]["matmul_flops_model_shaped"] > 0
+    machine = report["machine"]
+    # The roofline is the faster of the kernels the engine could use, never the slower one.
+    assert (
+        machine["matmul_flops_model_shaped"]
+        == max(machine["matmul_flops_model_shaped_by_kernel"].values())
+        > 0
+    )
+    assert (
+        machine["matmul_flops_model_shaped_by_kernel"][machine["matmul_kernel"]]
+        == machine["matmul_flops_model_shaped"]
+    )
     assert report["machine"]["roofline_matmul"] == "model_shaped"
     assert report["config"]["requests"] == 4 and report["config"]["max_new_tokens"] == 8
 
