@@ -1,9 +1,12 @@
 """Paged attention over a packed batch, in plain torch.
 
-The KV cache of one layer is a pair of tensors shaped [kv_heads, num_blocks + 1, block_size,
+The KV cache of one layer is a pair of tensors shaped [num_blocks + 1, block_size, kv_heads,
 head_dim]; the extra last block is a scratch block that padded block-table entries point at.
-Head-major layout makes a gather of a group's blocks land directly as [kv_heads, batch,
-context, head_dim], so attention is two batched matmuls with no per-request Python.
+Gathering a group's blocks copies whole blocks (one contiguous run each) and lands as [batch,
+context, kv_heads, head_dim], which the attention kernel reads as [batch, kv_heads, context,
+head_dim] through a transposed view, with no second copy and no per-request Python. (A
+head-major cache, [kv_heads, blocks, ...], made the same gather copy one small run per head and
+block: 3x slower on SmolLM2, and then attention still needed its operands reshaped.)
 
 Requests that compute one token this step (decodes) and those that compute several (prefill
 chunks) attend in separate groups, so one long prompt does not pad every decode; decodes are
@@ -24,7 +27,7 @@ class AttentionGroup:
     rows: torch.Tensor  # [B * Qmax] packed-batch row of each (request, query) slot; padding -> 0
     valid: torch.Tensor  # [n_valid] positions in `rows` that are real queries
     blocks: torch.Tensor  # [B * nb] KV block ids, request-major; padding -> the scratch block
-    bias: torch.Tensor  # [kv_heads * B, G * Qmax, nb * block_size] additive mask: 0 or -inf-ish
+    bias: torch.Tensor  # [B, 1, G * Qmax, nb * block_size] additive mask, 0 or -inf-ish, for every kv head
     batch: int
     q_max: int
 
@@ -52,7 +55,6 @@ def build_group(
     *,
     block_size: int,
     scratch_block: int,
-    num_kv_heads: int,
     group_size: int,
     dtype: torch.dtype,
     device: torch.device,
@@ -73,8 +75,8 @@ def build_group(
     allowed = (kj <= ctx - q_len + qi) & (qi < q_len)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    shape = (num_kv_heads, batch, group_size, q_max, nb * block_size)
-    bias = bias[None, :, None].expand(shape).reshape(num_kv_heads * batch, group_size * q_max, -1)
+    bias = bias[:, None, None].expand(batch, 1, group_size, q_max, nb * block_size)
+    bias = bias.reshape(batch, 1, group_size * q_max, -1)
     valid = (torch.arange(q_max, device=device)[None, :] < q_len[:, :, 0]).flatten().nonzero().squeeze(1)
     return AttentionGroup(
         rows=torch.tensor(flat_rows, device=device),
@@ -90,9 +92,9 @@ def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ):
     """Store the new tokens' keys and values ([T, kv_heads, head_dim]) at their slots."""
-    heads, head_dim = k_cache.shape[0], k_cache.shape[-1]
-    k_cache.view(heads, -1, head_dim).index_copy_(1, slots, k.transpose(0, 1))
-    v_cache.view(heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1))
+    heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, heads, head_dim).index_copy_(0, slots, v)
 
 
 def paged_attention(
@@ -102,19 +104,19 @@ def paged_attention(
     out[i] = softmax(q[i] @ K_r[:pos(i)+1].T * scale) @ V_r[:pos(i)+1], with K_r, V_r gathered
     from r's blocks and query heads sharing kv heads in groups (GQA)."""
     tokens, q_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[0]
+    kv_heads = k_cache.shape[2]
     g = q_heads // kv_heads
     out = q.new_empty(tokens, q_heads, head_dim)
     for grp in meta.groups:
         b, qm = grp.batch, grp.q_max
+        # Each kv head's g query heads x qm queries form its rows of queries.
         qg = q.index_select(0, grp.rows).view(b, qm, kv_heads, g, head_dim)
-        qg = qg.permute(2, 0, 3, 1, 4).reshape(kv_heads * b, 1, g * qm, head_dim)
-        k = k_cache.index_select(1, grp.blocks).view(kv_heads * b, 1, -1, head_dim)
-        v = v_cache.index_select(1, grp.blocks).view(kv_heads * b, 1, -1, head_dim)
+        qg = qg.permute(0, 2, 3, 1, 4).reshape(b, kv_heads, g * qm, head_dim)
+        k = k_cache.index_select(0, grp.blocks).view(b, -1, kv_heads, head_dim).transpose(1, 2)
+        v = v_cache.index_select(0, grp.blocks).view(b, -1, kv_heads, head_dim).transpose(1, 2)
         # One fused kernel (scores, mask, softmax, weighted sum) that never materializes the scores.
-        mask = grp.bias.view(kv_heads * b, 1, g * qm, -1)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-        o = o.view(kv_heads, b, g, qm, head_dim).permute(1, 3, 0, 2, 4)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=grp.bias, scale=scale)
+        o = o.view(b, kv_heads, g, qm, head_dim).permute(0, 3, 1, 2, 4)
         o = o.reshape(b * qm, q_heads, head_dim).index_select(0, grp.valid)
         out.index_copy_(0, grp.rows.index_select(0, grp.valid), o)
     return out

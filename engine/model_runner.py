@@ -122,7 +122,7 @@ class ModelRunner:
                 f"raise it to at least {need} or lower max_model_len"
             )
         # One scratch block past the end absorbs padded block-table entries.
-        cache_shape = (s.num_kv_heads, self.num_blocks + 1, self.block_size, s.head_dim)
+        cache_shape = (self.num_blocks + 1, self.block_size, s.num_kv_heads, s.head_dim)
         for layer in self.model.model.decoder_layers():
             layer.self_attn.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
             layer.self_attn.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
@@ -217,7 +217,6 @@ class ModelRunner:
                 *g,
                 block_size=bs,
                 scratch_block=self.num_blocks,
-                num_kv_heads=self.shape.num_kv_heads,
                 group_size=self.shape.num_heads // self.shape.num_kv_heads,
                 dtype=self.dtype,
                 device=self.device,
