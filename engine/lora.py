@@ -4,7 +4,8 @@ Each `LoRALinear` wraps a base `nn.Linear` (never merged, never copied) and hold
 A and B for that projection. The runner groups the packed batch by slot, so each adapter's
 tokens are one contiguous segment, and writes the segments into the shared `LoRABatch` before
 the forward pass. The delta costs each token only its own adapter's rank (SGMV semantics);
-tokens without an adapter skip it.
+tokens without an adapter skip it. In float32 on CPU the delta of a projection is one compiled
+kernel call for the whole batch (`sgmv`); otherwise it is two matmuls per adapter segment.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
+from . import sgmv
 from .model import PROJECTIONS, CausalLM
 
 
@@ -39,12 +42,15 @@ class LoRABatch:
 
     sizes: list[int] = field(default_factory=list)
     parts: list[tuple[int, int]] = field(default_factory=list)
+    token_slot: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # per row; -1: none
 
     def set(self, segments: list[tuple[int, int, int]], num_rows: int) -> None:
         """From (slot, start row, end row) segments, sorted and disjoint, over `num_rows` rows."""
         self.sizes, self.parts = [], []
+        self.token_slot = np.full(num_rows, -1, np.int64)
         row = 0
         for slot, start, end in segments:
+            self.token_slot[start:end] = slot
             if start > row:
                 self.sizes.append(start - row)
             self.parts.append((len(self.sizes), slot))
@@ -75,8 +81,8 @@ class LoRALinear(nn.Module):
         # A is stored [slot, rank, in] and B [slot, rank, out] so that a rank-r prefix is contiguous.
         self.lora_a = torch.zeros(num_slots, max_rank, base.in_features, dtype=dtype, device=device)
         self.lora_b = torch.zeros(num_slots, max_rank, base.out_features, dtype=dtype, device=device)
-        self.ranks = [0] * num_slots  # 0: the slot's adapter does not target this projection
-        self.scales = [0.0] * num_slots
+        self.ranks = np.zeros(num_slots, np.int64)  # 0: the slot's adapter does not target this projection
+        self.scales = np.zeros(num_slots, np.float32)
         # Per slot, views of A.T [in, r] and B [r, out] (None: no adapter), built once per load so
         # that the forward pass issues only two matmuls per adapter segment.
         self._a: list[torch.Tensor | None] = [None] * num_slots
@@ -104,11 +110,14 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if not self.batch.parts:
             return y
+        if sgmv.supported(x, self.lora_a):  # one kernel call for every segment
+            sgmv.add_lora(x, self.lora_a, self.lora_b, self.batch.token_slot, self.ranks, self.scales, y)
+            return y
         xs, ys = x.split(self.batch.sizes), y.split(self.batch.sizes)
         for i, slot in self.batch.parts:
             a, b = self._a[slot], self._b[slot]
             if a is not None and b is not None:
-                ys[i].addmm_(xs[i] @ a, b, alpha=self.scales[slot])  # in place: ys[i] is a view of y
+                ys[i].addmm_(xs[i] @ a, b, alpha=float(self.scales[slot]))  # in place: ys[i] is a view of y
         return y
 
 

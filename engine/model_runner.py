@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from . import quant
+from . import quant, sgmv
 from .attention import AttentionGroup, AttentionMetadata, build_group, group_key
 from .config import EngineConfig
 from .cpu_linear import pack_linears
@@ -132,6 +132,7 @@ class ModelRunner:
             self.lora_batch, self.lora_layers = add_lora_slots(
                 self.model, config.lora.max_loras, config.lora.max_rank, self.dtype
             )
+            sgmv.warm_up()
         self.default_generator = torch.Generator().manual_seed(config.seed)
         self._generators: dict[str, torch.Generator] = {}
         log.info(
