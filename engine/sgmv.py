@@ -13,23 +13,21 @@ once (0.55 ms per layer with 32 rank-16 adapters, about the memory-bandwidth flo
 the CPU counterpart of Punica's SGMV / S-LoRA's kernels.
 
 float32 on CPU only (numpy has no bfloat16); LoRALinear falls back to its torch loop otherwise.
-Calls are serialized by a lock: numba's fallback threading layer aborts on concurrent launches.
+Calls are serialized by a lock (numba's fallback threading layer aborts on concurrent launches)
+and run on as many threads as torch uses.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 
+import numba
 import numpy as np
 import torch
-
-# As many threads as torch uses; numba's default is every CPU of the host, too many in a
-# CPU-limited container. Read once, when numba is imported.
-os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
 from numba import njit, prange
 
 _lock = threading.Lock()
+_MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # from the environment
 
 
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
@@ -72,7 +70,13 @@ def add_lora(
     y [T, out] float32 on CPU; token_slot int64 [T] (-1: no adapter); ranks int64 and scales
     float32 per slot."""
     with _lock:
+        # As many threads as torch uses (numba's default is every CPU of the host); torch and numba
+        # share libgomp's thread pool, so this adds no threads of its own. The first launch sets
+        # OpenMP's thread count to numba's: put torch's back.
+        threads = torch.get_num_threads()
+        numba.set_num_threads(min(threads, _MAX_THREADS))
         _add_lora(x.contiguous().numpy(), a.numpy(), b.numpy(), token_slot, ranks, scales, y.numpy())
+        torch.set_num_threads(threads)
 
 
 def warm_up() -> None:

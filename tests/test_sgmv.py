@@ -95,3 +95,17 @@ def test_lora_linear_kernel_and_torch_loop_agree(monkeypatch):
 def test_kernel_is_only_used_for_float32_on_cpu():
     assert sgmv.supported(torch.zeros(1), torch.zeros(1))
     assert not sgmv.supported(torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.bfloat16))
+
+
+def test_kernel_leaves_torch_thread_count_alone():
+    """numba's first parallel launch sets OpenMP's thread count to its own; torch's must survive
+    it, or a one-thread engine would spin a second core its adapter loaders need."""
+    a, b = stacks()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sgmv.add_lora(torch.randn(2, D_IN), a, b, np.array([0, 1], np.int64), np.array(RANKS, np.int64),
+                      np.array(SCALES, np.float32), torch.zeros(2, D_OUT))  # fmt: skip
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
