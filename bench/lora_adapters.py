@@ -3,7 +3,7 @@ Zipf popularity that decides which adapter each request names.
 
 No training: A and B are seeded random tensors written with safetensors in PEFT's layout
 (`adapter_config.json` + `adapter_model.safetensors`), so adapter i always has the same bytes,
-and so the same S3 ETag, for a given base model, rank and seed. Knows nothing about engines.
+and so the same S3 ETags, for a given base model, rank and seed. Knows nothing about engines.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorafleet.engine.adapter_format import CONFIG_NAME, PROJECTIONS, WEIGHTS_NAME, BaseModelSpec
+from lorafleet.engine.adapter_sources import put_s3_adapter
 from lorafleet.engine.registry import Registry, RegistryEntry
 from lorafleet.engine.s3 import S3Client
 
@@ -76,7 +77,7 @@ def write_random_adapter(out: Path, base: BaseModelSpec, rank: int, seed: int) -
 
 @dataclass(frozen=True)
 class PublishedAdapters:
-    registry: Registry  # id -> s3:// URI and ETag version, for every published adapter
+    registry: Registry  # id -> s3:// URI and version, for every published adapter
     registry_path: Path  # the same, as a registry file
     local_dirs: dict[str, Path]  # id -> the local copy (PEFT loads adapters from directories)
     bytes_per_adapter: int  # size of one adapter_model.safetensors
@@ -104,13 +105,11 @@ def publish_adapters(
         seed = int.from_bytes(name.encode(), "little") % 2**63
         local = write_random_adapter(work_dir / "adapters" / name, base, rank, seed)
         key = f"{PREFIX}{name}/"
-        etag = ""
-        for file in (CONFIG_NAME, WEIGHTS_NAME):  # weights last: its ETag is the version
-            etag = client.put_object(Bucket=BUCKET, Key=key + file, Body=(local / file).read_bytes())["ETag"]
+        version = put_s3_adapter(client, BUCKET, key, local)
         size = (local / WEIGHTS_NAME).stat().st_size
         entries[name] = RegistryEntry(
             uri=f"s3://{BUCKET}/{key}",
-            version=etag.strip('"'),
+            version=version,
             rank=rank,
             bytes=size,
             target_modules=PROJECTIONS,

@@ -39,6 +39,12 @@ _TENSOR_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<ab>lora_A|lora_
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
+def s3_adapter_version(weights_etag: str, config_etag: str) -> str:
+    """An S3 adapter's version: the weights' ETag, then the config's, so that re-uploading either
+    file (a new lora_alpha changes the scale with the weights untouched) makes a new version."""
+    return f"{weights_etag}+{config_etag}"
+
+
 class AdapterError(ValueError):
     """An adapter that cannot be served. `reason` is a CamelCase code, e.g. "RankTooHigh"."""
 

@@ -1,7 +1,7 @@
 """Where adapters come from: S3 prefixes and local directories, read as files and as registries.
 
 A registry entry's `uri` is `s3://bucket/prefix/` or `file:///abs/dir/`, and its version is
-- for S3, the ETag of adapter_model.safetensors (what the operator records);
+- for S3, `s3_adapter_version`: both files' ETags, weights first (what the operator records);
 - for a local directory, `local_version(files)`: a sha256 over both files' names and digests.
 Reading an adapter first checks that the source still holds the registry's version, then
 validates the config and the safetensors header (adapter_format), and only then downloads or
@@ -38,6 +38,7 @@ from .adapter_format import (
     parse_adapter_config,
     parse_safetensors_header,
     read_safetensors_head,
+    s3_adapter_version,
     validate_adapter_dir,
 )
 from .registry import Registry, RegistryEntry, validate_adapter_id
@@ -95,17 +96,28 @@ def fetch_s3_adapter(
         top = {o.name: o for o in objects if "/" not in o.name}  # PEFT writes the files at the top
         check_files({name: o.size for name, o in top.items()}, max_bytes)
         config, weights = top[CONFIG_NAME], top[WEIGHTS_NAME]
-        if weights.etag != version:
+        found = s3_adapter_version(weights.etag, config.etag)
+        if found != version:
             raise SourceUnavailable(
                 "VersionMismatch",
-                f"{uri}{WEIGHTS_NAME} is version {weights.etag}, the registry says {version}; "
-                "retry once the registry is reloaded",
+                f"{uri} is version {found}, the registry says {version}; retry once the registry is reloaded",
             )
         lora = parse_adapter_config(_get(client, bucket, config), base)
         head = read_safetensors_head(lambda a, b: _get(client, bucket, weights, (a, b)), weights.size)
         check_weights(lora, parse_safetensors_header(head, weights.size), base, weights.size)
         fetch_objects(client, bucket, [config, weights], dest, progress=False)
     return {name: (dest / name).read_bytes() for name in FILE_NAMES}
+
+
+def put_s3_adapter(client: S3Client, bucket: str, prefix: str, directory: Path) -> str:
+    """Upload a PEFT adapter directory's two files under `prefix`; return their version."""
+    etags = {
+        name: client.put_object(Bucket=bucket, Key=prefix + name, Body=(directory / name).read_bytes())[
+            "ETag"
+        ].strip('"')
+        for name in FILE_NAMES
+    }
+    return s3_adapter_version(etags[WEIGHTS_NAME], etags[CONFIG_NAME])
 
 
 def _get(client: S3Client, bucket: str, obj: S3Object, byte_range: tuple[int, int] | None = None) -> bytes:
@@ -222,10 +234,12 @@ class S3PrefixRegistry:
             if _checked_id(adapter_id, f"s3://{self.bucket}/{self.prefix}{adapter_id}/") is None:
                 continue
             weights, config = files.get(WEIGHTS_NAME), files.get(CONFIG_NAME)
-            # Without weights there is no ETag to name the version; any listing change makes a new one.
+            # Without both files there are no ETags to name the version; any listing change makes a new one.
             listing = "".join(f"{n}\0{o.etag}\n" for n, o in sorted(files.items()))
             version = (
-                weights.etag if weights else "incomplete-" + hashlib.sha256(listing.encode()).hexdigest()
+                s3_adapter_version(weights.etag, config.etag)
+                if weights and config
+                else "incomplete-" + hashlib.sha256(listing.encode()).hexdigest()
             )
             uri = f"s3://{self.bucket}/{self.prefix}{adapter_id}/"
             adapters[adapter_id] = _entry(uri, version, weights.size if weights else 0, self._config(config))

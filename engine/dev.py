@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter_format import CONFIG_NAME, WEIGHTS_NAME
+from .adapter_sources import put_s3_adapter
 from .config import EngineConfig
 from .demo_adapters import demo_adapter_dirs
 from .registry import Registry, RegistryEntry
@@ -96,14 +97,10 @@ def publish(client: Any, adapters: dict[str, Path], base_model: str) -> Registry
     entries = {}
     for adapter_id, local in adapters.items():
         prefix = f"adapters/{adapter_id}/"
-        client.put_object(Bucket=BUCKET, Key=prefix + CONFIG_NAME, Body=(local / CONFIG_NAME).read_bytes())
-        put = client.put_object(
-            Bucket=BUCKET, Key=prefix + WEIGHTS_NAME, Body=(local / WEIGHTS_NAME).read_bytes()
-        )
-        etag = put["ETag"]  # the version the store verifies the download against
+        version = put_s3_adapter(client, BUCKET, prefix, local)  # what the store verifies downloads against
         cfg = json.loads((local / CONFIG_NAME).read_text())
         entries[adapter_id] = RegistryEntry(
-            uri=f"s3://{BUCKET}/{prefix}", version=etag.strip('"'), rank=int(cfg["r"]),
+            uri=f"s3://{BUCKET}/{prefix}", version=version, rank=int(cfg["r"]),
             bytes=(local / WEIGHTS_NAME).stat().st_size,
         )  # fmt: skip
     return Registry(base_model, entries)

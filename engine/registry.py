@@ -12,7 +12,7 @@ Format (version 1), a JSON object:
       "adapters": {
         "team-a/support-bot": {                     # "<namespace>/<name>", Kubernetes name rules
           "uri": "s3://bucket/prefix/",             # s3://... or file:///abs/dir
-          "version": "9b2cf535f27731c974343645a3985328",   # S3 ETag or sha256 of the content
+          "version": "9b2cf535f27731c974343645a3985328+5d41402abc4b2a76b9719d911017c592",  # weights+config ETags, or sha256
           "rank": 16,
           "bytes": 12345,                           # size of adapter_model.safetensors
           "pinned": false,                          # preload and never evict from CPU memory
@@ -73,7 +73,7 @@ def validate_adapter_id(adapter_id: str) -> str:
 @dataclass(frozen=True)
 class RegistryEntry:
     uri: str  # where the adapter directory is: s3://bucket/prefix/ or file:///abs/dir
-    version: str  # content version (S3 ETag or sha256): a republished adapter gets a new one
+    version: str  # content version (both files' S3 ETags, or sha256): a republished adapter gets a new one
     rank: int
     bytes: int  # adapter_model.safetensors size; the stores budget with it before downloading
     pinned: bool = False  # preloaded, never evicted from CPU memory

@@ -28,6 +28,7 @@ from lorafleet.engine.adapter_format import (
     parse_adapter_config,
     parse_safetensors_header,
     read_safetensors_head,
+    s3_adapter_version,
 )
 from lorafleet.engine.s3 import S3Client, S3SourceError, list_objects, parse_s3_uri
 
@@ -41,7 +42,7 @@ class S3Unavailable(Exception):
 @dataclass(frozen=True)
 class ValidatedAdapter:
     manifest: AdapterManifest
-    version: str  # ETag of adapter_model.safetensors: a re-upload changes it
+    version: str  # s3_adapter_version: both files' ETags, so re-uploading either changes it
 
 
 def check_against_basemodel(
@@ -108,7 +109,8 @@ def validate_in_s3(client: S3Client, uri: str, base: BaseModelSpec, max_bytes: i
         )
     top = {o.name: o for o in objects if "/" not in o.name}  # PEFT writes the files at the top level
     check_files({name: o.size for name, o in top.items()}, max_bytes)
-    config = parse_adapter_config(_get(client, bucket, top[CONFIG_NAME].key, f"{uri}{CONFIG_NAME}"), base)
+    config_obj = top[CONFIG_NAME]
+    config = parse_adapter_config(_get(client, bucket, config_obj.key, f"{uri}{CONFIG_NAME}"), base)
     weights = top[WEIGHTS_NAME]
     where = f"{uri}{WEIGHTS_NAME}"
     if weights.size < 8:
@@ -117,7 +119,8 @@ def validate_in_s3(client: S3Client, uri: str, base: BaseModelSpec, max_bytes: i
         )
     head = read_safetensors_head(lambda a, b: _get(client, bucket, weights.key, where, (a, b)), weights.size)
     header = parse_safetensors_header(head, weights.size)
-    return ValidatedAdapter(check_weights(config, header, base, weights.size), weights.etag)
+    version = s3_adapter_version(weights.etag, config_obj.etag)
+    return ValidatedAdapter(check_weights(config, header, base, weights.size), version)
 
 
 def _get(

@@ -17,7 +17,7 @@ from safetensors.numpy import load as load_numpy
 
 from lorafleet.engine.adapter_disk import INDEX_NAME, DiskTier
 from lorafleet.engine.adapter_format import CONFIG_NAME, WEIGHTS_NAME, BaseModelSpec
-from lorafleet.engine.adapter_sources import AdapterDirRegistry, S3PrefixRegistry, local_version
+from lorafleet.engine.adapter_sources import FILE_NAMES, AdapterDirRegistry, S3PrefixRegistry, local_version
 from lorafleet.engine.adapter_store import (
     AdapterStore,
     AdapterStoreConfig,
@@ -311,8 +311,11 @@ def test_s3_prefix_registry_scans_and_skips_bad_keys(s3_bucket):
     registry = watcher.poll()
     assert registry is not None and sorted(registry.adapters) == ["team/bot", "team/incomplete"]
     entry = registry.adapters["team/bot"]
-    etag = client.head_object(Bucket=bucket, Key="ads/team/bot/" + WEIGHTS_NAME)["ETag"].strip('"')
-    assert (entry.uri, entry.version, entry.rank) == (f"s3://{bucket}/ads/team/bot/", etag, 4)
+    etag = {
+        n: client.head_object(Bucket=bucket, Key="ads/team/bot/" + n)["ETag"].strip('"') for n in FILE_NAMES
+    }
+    version = f"{etag[WEIGHTS_NAME]}+{etag[CONFIG_NAME]}"
+    assert (entry.uri, entry.version, entry.rank) == (f"s3://{bucket}/ads/team/bot/", version, 4)
     assert registry.adapters["team/incomplete"].version.startswith("incomplete-")
     assert watcher.poll() is None
 
@@ -520,6 +523,29 @@ def test_republished_adapter_serves_new_weights_from_every_tier(s3_bucket, tmp_p
     lagging.request("team/bot")
     status = lagging.wait("team/bot", WAIT_S)
     assert status.state == "failed" and status.retryable and status.error.reason == "VersionMismatch"
+
+
+def test_config_only_republish_is_a_new_version_with_the_new_scale(s3_bucket, tmp_path, open_store):
+    client, bucket = s3_bucket
+    old = make_adapter_files(seed=3)
+    new = old | {CONFIG_NAME: make_adapter_files(seed=3, lora_alpha=1)[CONFIG_NAME]}  # same weights
+    assert new[WEIGHTS_NAME] == old[WEIGHTS_NAME] and new[CONFIG_NAME] != old[CONFIG_NAME]
+    upload(client, bucket, "ads/team/bot/", old)
+    watcher = S3PrefixRegistry(client, f"s3://{bucket}/ads/", "tiny")
+    v1 = watcher.poll()
+    cfg = config(disk_dir=tmp_path / "disk")
+    store = open_store(cfg, v1, CountingS3(client))
+    assert_weights(load(store, "team/bot"), old)
+
+    client.put_object(Bucket=bucket, Key=f"ads/team/bot/{CONFIG_NAME}", Body=new[CONFIG_NAME])
+    v2 = watcher.poll()
+    assert v2 is not None and v2.adapters["team/bot"].version != v1.adapters["team/bot"].version
+    store.update_registry(v2)
+    assert store.get("team/bot") is None  # the old scale is never served for the new version
+    assert_weights(load(store, "team/bot"), new)
+    store.close()
+    # Nor does the disk tier hand the old config back after a restart.
+    assert_weights(load(open_store(cfg, v2, NoS3()), "team/bot"), new)
 
 
 def test_load_of_a_version_republished_meanwhile_is_discarded(s3_bucket, open_store):
