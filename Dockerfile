@@ -25,7 +25,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    # libgomp1: numba's OpenMP threading layer for the CPU LoRA kernel (engine/sgmv.py)
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates libgomp1 \
     && rm -rf /var/lib/apt/lists/*
 
 # -- build: a virtualenv at the path it will have at run time ----------------------------------------
@@ -52,6 +53,7 @@ RUN groupadd --system --gid 10001 lorafleet \
 ENV PATH=/opt/lorafleet/bin:${PATH} \
     HOME=/home/lorafleet \
     LORAFLEET_CACHE_DIR=/var/cache/lorafleet/models \
+    NUMBA_CACHE_DIR=/var/cache/lorafleet/numba \
     TOKENIZERS_PARALLELISM=false
 USER 10001:10001
 # Converting the built-in GGUF takes 20-40 s at every pod start unless it is done here (+540 MB).
