@@ -11,8 +11,17 @@ Only float32 and bfloat16 are packed; float16 needs AVX512-FP16, and other devic
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
+
+# oneDNN keeps one compiled primitive per input shape, 1,024 by default, least recently used
+# first out. A serving engine feeds every token count from 1 to the step budget through each of
+# its few weight shapes (SmolLM2: 5 shapes x up to 512 rows), so the default cache thrashes and
+# steps pay for recompiling primitives; 4,096 holds them all. Read when oneDNN creates its first
+# primitive, so set before any (an explicit setting in the environment wins).
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 PACK_BATCH_HINT = 128  # rows oneDNN tunes the layout for; any row count is correct
