@@ -14,7 +14,7 @@ the CPU counterpart of Punica's SGMV / S-LoRA's kernels.
 
 float32 on CPU only (numpy has no bfloat16); LoRALinear falls back to its torch loop otherwise.
 Calls are serialized by a lock (numba's fallback threading layer aborts on concurrent launches)
-and run on as many threads as torch uses.
+and run on as many threads as torch uses, in numba's own OpenMP pool.
 """
 
 from __future__ import annotations
@@ -70,13 +70,15 @@ def add_lora(
     y [T, out] float32 on CPU; token_slot int64 [T] (-1: no adapter); ranks int64 and scales
     float32 per slot."""
     with _lock:
-        # As many threads as torch uses (numba's default is every CPU of the host); torch and numba
-        # share libgomp's thread pool, so this adds no threads of its own. The first launch sets
-        # OpenMP's thread count to numba's: put torch's back.
+        # As many threads as torch uses (numba's default is every CPU of the host). numba's
+        # OpenMP layer loads the system libgomp beside torch's bundled one, so it is a second
+        # thread pool of that size. Its first launch sets OpenMP's thread count to numba's:
+        # put torch's back then (and only then: the hot path leaves OpenMP's settings alone).
         threads = torch.get_num_threads()
         numba.set_num_threads(min(threads, _MAX_THREADS))
         _add_lora(x.contiguous().numpy(), a.numpy(), b.numpy(), token_slot, ranks, scales, y.numpy())
-        torch.set_num_threads(threads)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def warm_up() -> None:
