@@ -111,12 +111,10 @@ def fetch_s3_adapter(
 
 def put_s3_adapter(client: S3Client, bucket: str, prefix: str, directory: Path) -> str:
     """Upload a PEFT adapter directory's two files under `prefix`; return their version."""
-    etags = {
-        name: client.put_object(Bucket=bucket, Key=prefix + name, Body=(directory / name).read_bytes())[
-            "ETag"
-        ].strip('"')
-        for name in FILE_NAMES
-    }
+    etags = {}
+    for name in FILE_NAMES:
+        put = client.put_object(Bucket=bucket, Key=prefix + name, Body=(directory / name).read_bytes())
+        etags[name] = put["ETag"].strip('"')
     return s3_adapter_version(etags[WEIGHTS_NAME], etags[CONFIG_NAME])
 
 
