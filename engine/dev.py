@@ -9,6 +9,8 @@ import argparse
 import json
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,10 @@ def run_dev(args: argparse.Namespace, config: EngineConfig) -> int:
     from .server import run_server
     from .weed import REGION, WeedS3
 
+    # Until the server takes over the signal handlers, SIGTERM unwinds like Ctrl-C, so that the
+    # `with WeedS3` below stops weed: killed outright, this process would leave weed running with
+    # its data directory locked, and the next `make run` would fail.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     cache = default_cache_dir()
     model_dir = resolve_model(config.model, cache)
     adapters = demo_adapter_dirs(model_dir, cache, steps=args.demo_steps)
@@ -88,6 +94,10 @@ def run_dev(args: argparse.Namespace, config: EngineConfig) -> int:
         model = args.served_model_name or default_served_model_name(config.model)
         print(examples(f"http://{args.host}:{args.port}", model, sorted(adapters)), flush=True)
         return run_server(args, config)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
 
 
 def publish(client: Any, adapters: dict[str, Path], base_model: str) -> Registry:

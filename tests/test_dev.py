@@ -66,3 +66,42 @@ async def test_dev_stack_trains_publishes_and_serves_demo_adapters(tiny_llama_di
     assert "Traceback" not in text and "Ctrl-C stops everything" in text, text[-3000:]
     trained = sorted(p.name for p in (cache / "demo-adapters" / tiny_llama_dir.name).iterdir())
     assert trained == sorted(STYLES)
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of each child process of `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited while we looked
+            continue
+        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        if int(rest[1]) == pid:
+            found.append((int(stat.parent.name), name))
+    return found
+
+
+async def test_sigterm_while_starting_stops_the_embedded_s3(tiny_llama_dir: Path, tmp_path: Path):
+    """A SIGTERM before the server is up (it owns the signal handlers from then on) must still
+    stop `weed mini`: an orphaned weed keeps its data directory locked and the next run fails."""
+    env = os.environ | {"LORAFLEET_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = ["dev", "--model", str(tiny_llama_dir), "--port", str(free_port()), "--max-model-len", "256",
+            "--kv-cache-mib", "4", "--demo-steps", "3"]  # fmt: skip
+    with (tmp_path / "dev.log").open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLI, *args, stdout=out, stderr=out, env=env
+        )
+    try:
+        weed = []
+        while not weed and proc.returncode is None:
+            await asyncio.sleep(0.05)
+            weed = [pid for pid, name in children(proc.pid) if name == "weed"]
+        assert weed, (tmp_path / "dev.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 128 + signal.SIGTERM
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert not Path(f"/proc/{weed[0]}").exists(), "weed outlived `lorafleet dev`"
