@@ -93,7 +93,7 @@ async def test_sigterm_while_starting_stops_the_embedded_s3(tiny_llama_dir: Path
             sys.executable, "-c", CLI, *args, stdout=out, stderr=out, env=env
         )
     try:
-        weed = []
+        weed: list[int] = []
         while not weed and proc.returncode is None:
             await asyncio.sleep(0.05)
             weed = [pid for pid, name in children(proc.pid) if name == "weed"]
