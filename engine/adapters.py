@@ -145,15 +145,18 @@ class ServedAdapters:
         self.store.close()
 
 
-def base_spec(model_dir: Path, max_rank: int) -> BaseModelSpec:
+def base_spec(model_dir: Path, max_rank: int, name: str | None = None) -> BaseModelSpec:
+    """The base model adapters are checked against; its name is `name`, else the directory's (an
+    S3 model's cache directory is named after its URI, so the operator passes the name)."""
     config = json.loads((model_dir / "config.json").read_text())
-    return BaseModelSpec.from_hf_config(config, name=model_dir.name, max_rank=max_rank)
+    return BaseModelSpec.from_hf_config(config, name=name or model_dir.name, max_rank=max_rank)
 
 
 def open_adapters(
     model_dir: Path,
     store_config: AdapterStoreConfig,
     served_base: str,
+    base_model_name: str | None = None,
     registry_path: str | None = None,
     adapter_dir: str | None = None,
     adapter_s3_prefix: str | None = None,
@@ -182,5 +185,7 @@ def open_adapters(
             store_config.s3_max_attempts,
         )
         source = S3PrefixRegistry(client, adapter_s3_prefix, served_base)
-    store = AdapterStore(store_config, base_spec(model_dir, store_config.max_rank), Registry(served_base))
+    store = AdapterStore(
+        store_config, base_spec(model_dir, store_config.max_rank, base_model_name), Registry(served_base)
+    )
     return ServedAdapters(store, source, served_base)

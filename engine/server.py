@@ -617,6 +617,11 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     )
     a.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank (default 64)")
     a.add_argument(
+        "--base-model-name",
+        help="the base model adapters must name in base_model_name_or_path, compared by its last path "
+        "component, case-insensitively (default: the model directory's name)",
+    )
+    a.add_argument(
         "--adapter-cpu-mib",
         type=int,
         default=2048,
@@ -672,7 +677,7 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
         disk_bytes=args.adapter_disk_mib << 20, max_rank=args.max_lora_rank, s3_endpoint_url=args.s3_endpoint_url,
     )  # fmt: skip
     adapters = open_adapters(
-        model_dir, store_config, config.served_model_name,
+        model_dir, store_config, config.served_model_name, args.base_model_name,
         config.registry_path, config.adapter_dir, config.adapter_s3_prefix,
     )  # fmt: skip
     if adapters is not None:

@@ -71,11 +71,16 @@ class Operator:
     # -- registry ConfigMaps ---------------------------------------------------------------------
 
     async def _load_registry(self, key: Key) -> Registry | None:
+        """The registry as the ConfigMaps hold it now. What was last written for this BaseModel is
+        forgotten first: after a delete and re-create under the same name, or a ConfigMap deleted
+        by hand, the same bytes must be written again."""
+        names = [f"{key[1]}-registry" if shard == 0 else f"{key[1]}-registry-{shard:03d}" for shard in
+                 range(MAX_REGISTRY_SHARDS)]  # fmt: skip
+        for name in names:
+            self._published.pop((key[0], name), None)
         parts = []
-        for shard in range(MAX_REGISTRY_SHARDS):
-            cm = await self.kube.get(
-                "ConfigMap", key[0], f"{key[1]}-registry" if shard == 0 else f"{key[1]}-registry-{shard:03d}"
-            )
+        for name in names:
+            cm = await self.kube.get("ConfigMap", key[0], name)
             if cm is None:
                 break
             for name, data in sorted((cm.get("binaryData") or {}).items()):

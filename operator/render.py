@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from lorafleet.engine.adapter_format import DEFAULT_MAX_BYTES
+
 from .spec import BaseModel
 
 API_GROUP = "lorafleet.io"
@@ -71,6 +73,9 @@ def engine_args(bm: BaseModel) -> list[str]:
     """The engine's command line. Flag names must match `lorafleet engine --help` (a test parses
     them with the engine's own parser)."""
     args = ["engine", "--host", "0.0.0.0", "--port", str(HTTP_PORT), "--served-model-name", bm.served_name]
+    # The name the operator validated adapters against; the engine's default (its model directory's
+    # name) is an S3 model's cache directory or the PVC path's last component.
+    args += ["--base-model-name", bm.model_name]
     if bm.source == "s3":
         args += ["--model", str(bm.model_uri)]
     elif bm.source == "pvc":
@@ -111,7 +116,8 @@ def _env(bm: BaseModel) -> list[dict[str, Any]]:
     if bm.s3_endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": bm.s3_endpoint_url})
     if bm.s3_region:
-        env.append({"name": "AWS_REGION", "value": bm.s3_region})
+        # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what other AWS SDKs read.
+        env += [{"name": name, "value": bm.s3_region} for name in ("AWS_DEFAULT_REGION", "AWS_REGION")]
     return env
 
 
@@ -123,8 +129,12 @@ def _volumes(bm: BaseModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     if bm.disk_cache_claim:
         cache: dict[str, Any] = {"persistentVolumeClaim": {"claimName": bm.disk_cache_claim}}
     else:
+        # The engine downloads into the same volume (up to two loads at once, each at most
+        # DEFAULT_MAX_BYTES) before it evicts to its budget: a limit of exactly the budget would
+        # get the pod evicted by the kubelet on the first cold load after the tier fills up.
+        size_limit = bm.disk_cache_bytes + 2 * DEFAULT_MAX_BYTES
         cache = {
-            "emptyDir": {"sizeLimit": str(bm.disk_cache_bytes)}
+            "emptyDir": {"sizeLimit": str(size_limit)}
             | ({"medium": "Memory"} if bm.disk_cache_medium else {})
         }
     volumes: list[dict[str, Any]] = [

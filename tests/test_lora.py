@@ -92,3 +92,22 @@ def test_mixed_adapter_batch_matches_peft_adapter_by_adapter(tiny_llama_dir, ada
     base = expected[None]
     assert sum(expected[n] != base for n in adapter_dirs) >= 6, "the adapters barely change the output"
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
+
+
+def test_base_model_name_overrides_the_model_directorys_name(tiny_llama_dir, adapter_dirs, tmp_path):
+    """In a pod the model directory is an S3 cache entry or a PVC path whose name is not the one
+    adapters record; the operator passes the name it validated them against."""
+    pvc = tmp_path / "models"
+    pvc.symlink_to(tiny_llama_dir)
+    root = adapter_dirs["tenant/a0"].parent.parent
+    for name, state in [(None, "failed"), (tiny_llama_dir.name.upper(), "ready")]:
+        adapters = open_adapters(pvc, AdapterStoreConfig(max_rank=16), "tiny", name, adapter_dir=str(root))
+        assert adapters is not None
+        try:
+            adapters.store.request("tenant/a0")
+            status = adapters.store.wait("tenant/a0", 30)
+            assert status.state == state, status.error
+            if state == "failed":
+                assert "BaseModelMismatch" in repr(status.error), status.error
+        finally:
+            adapters.close()

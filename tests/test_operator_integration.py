@@ -198,6 +198,22 @@ async def test_adapters_publish_fail_and_clean_up(kube, operator, weed, s3_bucke
     assert condition(orphan, "Ready")["reason"] == "BaseModelDeleted"
 
 
+async def test_a_recreated_basemodel_gets_its_registry_back(kube, operator, weed):
+    """Deleted, its ConfigMap garbage-collected, created again under the same name: the registry
+    must be written again even though its bytes equal what the operator wrote the first time
+    (the engine pods mount it and do not start without it)."""
+    await kube.create(basemodel(weed))
+    await kube.wait_for("ConfigMap", NS, "smol-registry", lambda o: o is not None)
+    await kube.delete("BaseModel", NS, "smol")
+    await kube.wait_for("BaseModel", NS, "smol", lambda o: o is None)
+    for kind in ("Deployment", "Service", "PodDisruptionBudget", "ConfigMap"):  # the GC's part
+        await kube.delete(kind, NS, "smol-registry" if kind == "ConfigMap" else "smol")
+    await kube.create(basemodel(weed))
+    await kube.wait_for("Deployment", NS, "smol", lambda o: o is not None)
+    await kube.wait_for("ConfigMap", NS, "smol-registry", lambda o: o is not None)
+    assert await published(kube) == Registry("smol", {})
+
+
 async def test_restart_leaves_no_duplicates(kube, operator, weed, s3_bucket):
     await setup_secret(kube, weed)
     await kube.create(basemodel(weed))

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from lorafleet.engine.adapter_format import AdapterError
+from lorafleet.engine.adapter_format import DEFAULT_MAX_BYTES, AdapterError
 from lorafleet.engine.cli import build_parser
 from lorafleet.engine.registry import Registry, RegistryEntry
+from lorafleet.engine.s3 import make_s3_client
 from lorafleet.operator import conditions
 from lorafleet.operator.conditions import Condition
 from lorafleet.operator.registry_writer import RegistryWriter, WriterSettings
@@ -189,6 +190,8 @@ def test_deployment_runs_the_engine_with_flags_it_accepts():
     assert (args.command, args.model, args.served_model_name) == ("engine", "s3://models/smol/", "smol")
     assert (args.max_loras, args.adapter_cpu_mib, args.adapter_disk_mib) == (4, 1024, 20 * 1024)
     assert args.max_num_seqs == 64 and args.registry == "/etc/lorafleet/registry"
+    # Adapters are checked against the name the operator validated them with, not the directory's.
+    assert args.base_model_name == parse_basemodel(bm_body(**S3_SPEC)).model_name == "smol"
 
 
 def test_deployment_pod():
@@ -208,10 +211,14 @@ def test_deployment_pod():
         "optional": False,
     }
     assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://s3.local:8333"
+    args = build_parser().parse_args(container["args"])
     volumes = {v["name"]: v for v in pod["volumes"]}
     shards = volumes["registry"]["projected"]["sources"]
     assert len(shards) == MAX_REGISTRY_SHARDS and not shards[0]["configMap"]["optional"]
-    assert volumes["adapter-cache"]["emptyDir"]["sizeLimit"] == str(20 << 30)
+    # The engine's budget, plus room for two downloads staged before it evicts (over the limit,
+    # the kubelet evicts the pod).
+    assert args.adapter_disk_mib << 20 == 20 << 30
+    assert volumes["adapter-cache"]["emptyDir"]["sizeLimit"] == str((20 << 30) + 2 * DEFAULT_MAX_BYTES)
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["adapter-cache"] in container["args"]
 
@@ -413,3 +420,17 @@ def test_only_named_namespaces_turn_kopf_scanning_off(namespaces, exact):
     from lorafleet.operator.config import OperatorConfig
 
     assert OperatorConfig(namespaces=namespaces).exact_namespaces is exact
+
+
+def test_s3_region_reaches_boto3_in_the_engine(monkeypatch):
+    """botocore reads AWS_DEFAULT_REGION, not AWS_REGION; the engine builds its client from the env."""
+    bm = parse_basemodel(bm_body(**S3_SPEC | {"s3": {"region": "eu-west-1"}}))
+    env = {e["name"]: e["value"] for e in render_deployment(bm)["spec"]["template"]["spec"]["containers"][0]["env"]
+           if "value" in e}  # fmt: skip
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    assert make_s3_client(None, None).meta.region_name == "eu-west-1"
