@@ -64,7 +64,7 @@ class Operator:
         self.writer = RegistryWriter(self._load_registry, self._publish_registry, config.writer)
         self._published: dict[tuple[str, str], bytes] = {}  # ConfigMap (ns, name) -> shard bytes last written
         self._s3_clients: dict[tuple[Any, ...], S3Client] = {}
-        self._base_specs: dict[str, BaseModelSpec] = {}
+        self._hf_configs: dict[tuple[str | None, str], dict[str, Any]] = {}  # (endpoint, uri) -> config.json
         self._secrets: dict[tuple[str, str], tuple[float, tuple[str, ...]]] = {}  # -> (expiry, key pair)
         self._secret_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
@@ -132,7 +132,8 @@ class Operator:
         return self._s3_clients[key]
 
     async def _credentials(self, namespace: str, secret: str) -> tuple[str, ...]:
-        """The key pair in a Secret, read at most once per `secret_ttl_s` (single-flight):
+        """The key pair (and session token, if any) in a Secret, read at most once per
+        `secret_ttl_s` (single-flight):
         publishing a thousand adapters that share one Secret must not read it a thousand times."""
         async with self._secret_locks.setdefault((namespace, secret), asyncio.Lock()):
             now = asyncio.get_running_loop().time()
@@ -146,25 +147,29 @@ class Operator:
                     "CredentialsMissing",
                     f"Secret {namespace}/{secret} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
                 )
-            creds = tuple(
-                base64.b64decode(data[k]).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-            )
+            # The optional session token (temporary STS credentials) follows the key pair, in the
+            # order boto3.Session takes them.
+            keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+            creds = tuple(base64.b64decode(data[k]).decode() for k in keys if k in data)
             self._secrets[(namespace, secret)] = (now + self.config.secret_ttl_s, creds)
             return creds
 
     async def base_spec(self, bm: BaseModel) -> BaseModelSpec:
         if bm.source != "s3" or bm.architecture is not None:
             return base_model_spec(bm)
-        if bm.model_uri not in self._base_specs:
+        # The model's config.json is read once per (endpoint, URI); the spec is built from the
+        # BaseModel as it is now (its name and maxLoraRank may change, or differ between two
+        # BaseModels of one model).
+        where = (bm.s3_endpoint_url, str(bm.model_uri))
+        if where not in self._hf_configs:
             client = await self.s3_client(bm.s3_endpoint_url, bm.s3_region, bm.namespace, bm.s3_secret)
             try:
-                hf = await asyncio.to_thread(read_hf_config, client, str(bm.model_uri))
+                self._hf_configs[where] = await asyncio.to_thread(read_hf_config, client, str(bm.model_uri))
             except AdapterError as e:
                 raise AdapterError(
                     "BaseModelUnknown", f"cannot read the base model's config.json: {e}"
                 ) from e
-            self._base_specs[str(bm.model_uri)] = base_model_spec(bm, hf)
-        return self._base_specs[str(bm.model_uri)]
+        return base_model_spec(bm, self._hf_configs[where])
 
     # -- BaseModel ---------------------------------------------------------------------------------
 

@@ -21,10 +21,13 @@ _UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "
 _UNITS |= {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60}
 
 
+SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
 class SpecError(ValueError):
     """A spec the operator cannot act on; `reason` becomes the condition reason.
 
-    Reasons name what to fix: ModelURIMissing, PVCSourceIncomplete, UnknownModelSource,
+    Reasons name what to fix: InvalidName, ModelURIMissing, PVCSourceIncomplete, UnknownModelSource,
     UnsupportedDtype, UnsupportedQuantization, InvalidQuantity, and InvalidSpec for a spec that
     is not even shaped as the CRD says (an API server that skipped the schema).
     """
@@ -103,6 +106,13 @@ def parse_basemodel(body: Mapping[str, Any]) -> BaseModel:
         spec.get("adapterCache") or {},
         spec.get("service") or {},
     )
+    name = str(meta.get("name", ""))
+    if not SERVICE_NAME.fullmatch(name):  # the CRD's CEL rule too; API servers before 1.25 skip it
+        raise SpecError(
+            "InvalidName",
+            f"the BaseModel name {name!r} becomes the engine Service's name, so it must be a DNS-1035 label: "
+            "at most 63 lower-case letters, digits and '-', starting with a letter and not ending with '-'",
+        )
     source = model.get("source", "builtin")
     pvc = model.get("pvc") or {}
     if source == "s3" and not model.get("uri"):

@@ -141,13 +141,27 @@ def kube_client_calls_in_operator() -> set[tuple[str, str | None]]:
     return found
 
 
-def applied_kinds() -> set[str]:
-    """The kinds `kube.apply` receives: whatever the render functions produce."""
+def applied_objects() -> list[dict[str, Any]]:
+    """What `kube.apply` receives: whatever the render functions produce."""
     body = yaml.safe_load((ROOT / "examples" / "basemodel.yaml").read_text())
     body["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
     bm = parse_basemodel(body)
-    objects = render_children(bm) + render_registry_configmaps(bm, {"registry-000.json.gz": b"{}"})
-    return {obj["kind"] for obj in objects}
+    return render_children(bm) + render_registry_configmaps(bm, {"registry-000.json.gz": b"{}"})
+
+
+def applied_kinds() -> set[str]:
+    return {obj["kind"] for obj in applied_objects()}
+
+
+def owner_reference_calls() -> set[Call]:
+    """An owner reference with blockOwnerDeletion needs `update` on the owner's finalizers
+    subresource where the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift)."""
+    return {
+        (ref["apiVersion"].split("/")[0], f"{KINDS[ref['kind']][1]}/finalizers", "update")
+        for obj in applied_objects()
+        for ref in obj["metadata"].get("ownerReferences", [])
+        if ref.get("blockOwnerDeletion")
+    }
 
 
 def _rbac_call(method: str, path: str) -> Call:
@@ -258,14 +272,14 @@ def test_operator_calls_are_derived_not_assumed(client_calls):
 def test_rbac_grants_every_call_the_operator_makes(client_calls, clusterwide):
     rules = load_rules()
     role = rules["namespaced"] + (rules["clusterwide"] if clusterwide else [])
-    needed = client_calls | kopf_calls(clusterwide)
+    needed = client_calls | kopf_calls(clusterwide) | owner_reference_calls()
     missing = needed - granted(role)
     assert not missing, f"charts/lorafleet/files/rbac.yaml lacks: {sorted(missing)}"
 
 
 def test_rbac_grants_nothing_the_operator_does_not_use(client_calls):
     rules = load_rules()
-    used = client_calls | kopf_calls(True) | kopf_calls(False)
+    used = client_calls | kopf_calls(True) | kopf_calls(False) | owner_reference_calls()
     extra = granted(rules["namespaced"] + rules["clusterwide"]) - used
     assert not extra, f"files/rbac.yaml grants more than the operator uses: {sorted(extra)}"
     # Least privilege: no wildcards, and a namespaced install gets no cluster-scoped resource.

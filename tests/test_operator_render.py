@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,22 @@ def test_invalid_basemodel_specs_say_what_to_fix(spec, reason, words):
     with pytest.raises(SpecError, match=words) as e:
         parse_basemodel(bm_body(**spec))
     assert e.value.reason == reason
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "8b-chat", "chat-", "x" * 64])
+def test_a_basemodel_name_that_cannot_name_a_service_is_a_spec_error(name):
+    """Object names may hold dots or start with a digit; a Service's may not, and the Service is
+    named after the BaseModel. The CRD's CEL rule refuses these names where the API server runs it."""
+    body = bm_body()
+    body["metadata"]["name"] = name
+    with pytest.raises(SpecError, match="DNS-1035") as e:
+        parse_basemodel(body)
+    assert e.value.reason == "InvalidName"
+    rule = SCHEMAS["BaseModel"]["x-kubernetes-validations"][0]["rule"]
+    pattern = re.search(r"matches\('(.+)'\)", rule).group(1)  # type: ignore[union-attr]
+    assert "size(self.metadata.name) <= 63" in rule
+    assert len(name) > 63 or not re.fullmatch(pattern, name)
+    assert re.fullmatch(pattern, "smollm2-135m") and parse_basemodel(bm_body()).name == "smol"
 
 
 def test_a_spec_error_puts_its_reason_on_every_condition():
@@ -434,3 +451,46 @@ def test_s3_region_reaches_boto3_in_the_engine(monkeypatch):
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     assert make_s3_client(None, None).meta.region_name == "eu-west-1"
+
+
+SMOL_CONFIG = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+               "num_key_value_heads": 3, "num_hidden_layers": 30, "head_dim": 64}  # fmt: skip
+
+
+async def test_base_spec_reads_config_once_but_follows_the_basemodels_spec(monkeypatch):
+    """config.json is cached per model; maxLoraRank and the model name come from the BaseModel as
+    it is now, so lowering the rank takes effect without an operator restart."""
+    from lorafleet.operator import handlers
+    from lorafleet.operator.config import OperatorConfig
+
+    reads: list[str] = []
+    monkeypatch.setattr(handlers, "read_hf_config", lambda client, uri: reads.append(uri) or SMOL_CONFIG)
+    op = handlers.Operator(OperatorConfig(), kube=None)  # type: ignore[arg-type]  # no Secret to read
+
+    def bm(rank: int, name: str) -> Any:
+        return parse_basemodel(
+            bm_body(model={"source": "s3", "uri": "s3://m/smol/", "name": name}, maxLoraRank=rank)
+        )
+
+    first, second = await op.base_spec(bm(64, "org/smol")), await op.base_spec(bm(8, "org/smol-v2"))
+    assert (first.max_rank, first.name, second.max_rank, second.name) == (64, "org/smol", 8, "org/smol-v2")
+    assert reads == ["s3://m/smol/"]
+
+
+async def test_a_session_token_in_the_credentials_secret_is_used():
+    """Temporary (STS) credentials: the engines use AWS_SESSION_TOKEN, so validation must too."""
+    import base64
+
+    from lorafleet.operator import handlers
+    from lorafleet.operator.config import OperatorConfig
+
+    values = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token"}
+
+    class Secrets:
+        async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+            return {"data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}}
+
+    op = handlers.Operator(OperatorConfig(), Secrets())  # type: ignore[arg-type]
+    client = await op.s3_client("http://127.0.0.1:1", "us-east-1", "tenant", "s3")
+    creds = client._request_signer._credentials  # type: ignore[attr-defined]  # what requests are signed with
+    assert (creds.access_key, creds.secret_key, creds.token) == ("AKIA", "secret", "token")
