@@ -168,7 +168,9 @@ class LLMEngine:
             if token is None:
                 continue
             text, hit_stop = self._detok[req.request_id].add(token)
-            if hit_stop and not req.finished:
+            if hit_stop and req.finished:  # the stop string came with the last allowed token
+                req.finish_reason = FinishReason.STOP
+            elif hit_stop:
                 self.scheduler.finish(req, FinishReason.STOP)
             outputs.append(self._output(req, [token], text, finalize=req.finished))
         return outputs

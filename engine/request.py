@@ -11,10 +11,13 @@ class InvalidRequest(ValueError):
     """A request the caller can fix: the message says what is wrong."""
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) means greedy
     top_k: int = 0  # 0 disables
     top_p: float = 1.0
     seed: int | None = None  # per-request seed: the same seed gives the same tokens in any batch
@@ -40,7 +43,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing the logits by the temperature overflows float32 (1e-40 made every
+        # logit inf and sampled token 0); it is greedy in all but name, as in vLLM.
+        return self.temperature < GREEDY_BELOW
 
 
 class Status(enum.Enum):

@@ -107,8 +107,11 @@ def test_top_k_one_and_tiny_top_p_are_greedy(tiny_llama_dir):
     greedy = [o.token_ids for o in eng.generate(prompts, GREEDY)]
     k1 = eng.generate(prompts, SamplingParams(max_tokens=24, temperature=5.0, top_k=1, seed=1))
     p0 = eng.generate(prompts, SamplingParams(max_tokens=24, temperature=5.0, top_p=1e-6, seed=2))
+    # A temperature so small that dividing by it overflows float32 is greedy, not token 0.
+    cold = eng.generate(prompts, SamplingParams(max_tokens=24, temperature=1e-40, seed=3))
     assert [o.token_ids for o in k1] == greedy
     assert [o.token_ids for o in p0] == greedy
+    assert [o.token_ids for o in cold] == greedy
 
 
 def test_temperature_sampling_follows_the_distribution(tiny_llama_dir):
@@ -141,6 +144,9 @@ def test_stop_strings_and_stop_token_ids(tiny_llama_dir):
     )[0]
     assert out.finish_reason is FinishReason.STOP
     assert out.text == free.text[: free.text.find(stop)]
+    # The stop string arriving with the last token max_tokens allows is still a stop, as in vLLM.
+    last = SamplingParams(max_tokens=len(out.token_ids), temperature=0.0, ignore_eos=True, stop=(stop,))
+    assert eng.generate([prompt], last)[0].finish_reason is FinishReason.STOP
     tok = free.token_ids[3]
     out = eng.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=(tok,)))[0]
     assert (
