@@ -19,10 +19,13 @@ import json
 import math
 import re
 import struct
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import regex
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -33,6 +36,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 DEFAULT_MAX_BYTES = 1 << 30  # a rank-64 adapter on every projection of a 7B model is ~640 MB in fp32
+REGEX_SECONDS = 0.5  # all of one config regex's matches against the module names
 HEADER_PROBE_BYTES = 64 << 10  # one ranged read covers the header of an adapter with ~400 tensors
 MAX_HEADER_BYTES = 8 << 20  # a full-coverage adapter of an 80-layer model has a header of ~150 KB
 _TENSOR_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<ab>lora_A|lora_B)\.weight")
@@ -231,7 +235,7 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any], base: BaseModelSp
         raise AdapterError(
             "RankTooHigh", f"rank {rank} is above this base model's maximum of {base.max_rank}"
         )
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha < math.inf:
         raise AdapterError("InvalidConfig", f"lora_alpha must be a positive number, got {alpha!r}")
     claimed = cfg.get("base_model_name_or_path")
     if claimed and normalize_model_name(str(claimed)) != normalize_model_name(base.name):
@@ -274,17 +278,14 @@ def _resolve_targets(cfg: Mapping[str, Any], base: BaseModelSpec) -> frozenset[s
     if targets == "all-linear":
         chosen = set(modules)
     elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise AdapterError("InvalidConfig", f"target_modules regex {targets!r} is invalid: {e}") from e
+        matches = _regex_matcher(targets, "target_modules")
         for name in (*EMBEDDING_MODULES, "model.embed_tokens"):
-            if pattern.fullmatch(name):
+            if matches(name):
                 raise AdapterError(
                     "Unsupported",
                     f"target_modules {targets!r} selects {name}; embedding adapters are refused",
                 )
-        chosen = {m for m in modules if pattern.fullmatch(m)}
+        chosen = {m for m in modules if matches(m)}
         if not chosen:
             raise AdapterError(
                 "UnknownTargetModule", f"target_modules regex {targets!r} matches no module of {base.name}"
@@ -309,16 +310,54 @@ def _resolve_targets(cfg: Mapping[str, Any], base: BaseModelSpec) -> frozenset[s
         )
     excluded = cfg.get("exclude_modules")
     if isinstance(excluded, str):
-        chosen = {m for m in chosen if not re.fullmatch(excluded, m)}
-    elif excluded:
+        excludes = _regex_matcher(excluded, "exclude_modules")
+        chosen = {m for m in chosen if not excludes(m)}
+    elif isinstance(excluded, list) and all(isinstance(e, str) for e in excluded):
         chosen = {m for m in chosen if not any(m == e or m.endswith("." + e) for e in excluded)}
+    elif excluded is not None:
+        raise AdapterError("InvalidConfig", f"exclude_modules must be a list or a regex, got {excluded!r}")
     layers = cfg.get("layers_to_transform")
     if layers is not None:
+        if not (_is_int(layers) or (isinstance(layers, list) and all(_is_int(x) for x in layers))):
+            raise AdapterError(
+                "InvalidConfig",
+                f"layers_to_transform must be a layer index or a list of them, got {layers!r}",
+            )
         keep = {layers} if isinstance(layers, int) else set(layers)
         chosen = {m for m in chosen if int(_LAYER_RE.search(m).group(1)) in keep}  # type: ignore[union-attr]
     if not chosen:
         raise AdapterError("UnknownTargetModule", "target_modules select no module after exclusions")
     return frozenset(chosen)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _regex_matcher(pattern: str, field: str) -> Callable[[str], bool]:
+    """PEFT's full-match of a config regex. The pattern is the tenant's: Python's `re` backtracks
+    for ever on some ('(.*)*\\.q_proj' against the other module names) while holding the GIL, which
+    froze the engine (step loop, HTTP server) or the operator. The `regex` module does not backtrack
+    on those, releases the GIL while matching, and enforces a time limit over all the matches."""
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as e:
+        raise AdapterError("InvalidConfig", f"{field} regex {pattern!r} is invalid: {e}") from e
+    deadline = time.monotonic() + REGEX_SECONDS
+
+    def matches(name: str) -> bool:
+        try:
+            return (
+                compiled.fullmatch(name, concurrent=True, timeout=max(deadline - time.monotonic(), 0.0))
+                is not None
+            )
+        except TimeoutError:
+            raise AdapterError(
+                "InvalidConfig",
+                f"{field} regex {pattern!r} takes too long to match module names; list the modules instead",
+            ) from None
+
+    return matches
 
 
 def header_length(first8: bytes) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
+from lorafleet.engine import adapter_format
 from lorafleet.engine.adapter_format import (
     CONFIG_NAME,
     SMOLLM2_135M,
@@ -170,6 +171,13 @@ def test_layers_to_transform_and_exclusions():
         ({"bias": "lora_only"}, "Unsupported"),
         ({"rank_pattern": {"q_proj": 8}}, "Unsupported"),
         ({"peft_type": "IA3"}, "Unsupported"),
+        ({"lora_alpha": float("nan")}, "InvalidConfig"),
+        ({"lora_alpha": float("inf")}, "InvalidConfig"),
+        ({"target_modules": "(q_proj"}, "InvalidConfig"),
+        ({"exclude_modules": "[bad"}, "InvalidConfig"),
+        ({"exclude_modules": 7}, "InvalidConfig"),
+        ({"layers_to_transform": 1.5}, "InvalidConfig"),
+        ({"layers_to_transform": ["0"]}, "InvalidConfig"),
     ],
 )
 def test_config_refusals(change, expected):
@@ -181,6 +189,23 @@ def test_config_refusals(change, expected):
         "base_model_name_or_path": "org/tiny",
     }
     assert reason(parse_adapter_config, {**cfg, **change}, TINY) == expected
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_tenant_regexes_cannot_stall_the_process(field, monkeypatch):
+    """Config regexes are the tenant's. This one backtracks for ever in Python's `re` (holding the
+    GIL, so the engine's step loop and HTTP server froze with it); it is matched in no time here,
+    and any pattern still too slow ends in a clear refusal."""
+    cfg = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj"], field: r"(.*)*\.q_proj"}
+    parsed = parse_adapter_config(cfg, TINY)
+    assert {m.rsplit(".", 1)[-1] for m in parsed.modules} == (
+        {"q_proj"} if field == "target_modules" else {"v_proj"}
+    )
+    monkeypatch.setattr(adapter_format, "REGEX_SECONDS", 0.0)
+    with pytest.raises(AdapterError, match="takes too long") as e:
+        parse_adapter_config(cfg, TINY)
+    assert e.value.reason == "InvalidConfig"
 
 
 def test_base_model_names_are_normalized():
