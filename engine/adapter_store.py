@@ -434,20 +434,23 @@ class AdapterStore:
                 f"needs {adapter.nbytes} bytes of memory, more than the whole CPU tier (cpu_bytes={budget})",
                 retryable=False,
             )
-        for key in list(self._cpu):
-            if self._cpu_bytes + adapter.nbytes <= budget:
-                break
-            if self._refs.get(key[0], 0) == 0 and not (self._is_current(key) and self._pinned(key[0])):
-                self._cpu_bytes -= self._cpu.pop(key).nbytes
-                self._stats.evictions["cpu"] += 1
-        if self._cpu_bytes + adapter.nbytes > budget:
+        pinned = {key for key in self._cpu if self._is_current(key) and self._pinned(key[0])}
+        evictable = [key for key in self._cpu if key not in pinned and self._refs.get(key[0], 0) == 0]
+        # Refuse before evicting anything: a refusal must not cost other tenants their warm adapters.
+        if self._cpu_bytes - sum(self._cpu[k].nbytes for k in evictable) + adapter.nbytes > budget:
+            pinned_bytes = sum(self._cpu[k].nbytes for k in pinned)
             raise AdapterLoadError(
                 *adapter.key,
                 "CpuTierFull",
-                f"the CPU tier (cpu_bytes={budget}) is full of pinned and in-use adapters; "
-                "retry when requests finish, or raise cpu_bytes",
-                retryable=True,
+                f"the CPU tier (cpu_bytes={budget}) is full of pinned ({pinned_bytes} bytes) and in-use "
+                "adapters; retry when requests finish, or raise cpu_bytes",
+                retryable=pinned_bytes + adapter.nbytes <= budget,  # in-use ones are released later
             )
+        for key in evictable:  # least recently used first
+            if self._cpu_bytes + adapter.nbytes <= budget:
+                break
+            self._cpu_bytes -= self._cpu.pop(key).nbytes
+            self._stats.evictions["cpu"] += 1
         self._cpu[adapter.key] = adapter
         self._cpu_bytes += adapter.nbytes
 

@@ -80,16 +80,16 @@ class ServedAdapters:
             raise InvalidRequest(str(e)) from None
 
     def load(self, key: str) -> None:
-        adapter_id = key.rsplit("@", 1)[0]
+        adapter_id = key.split("@", 1)[0]
         now = time.monotonic()
         try:
-            failed = self.store.status(adapter_id).state == "failed"
-            if failed:  # retryable (S3 down): back off instead of retrying every step
+            state = self.store.status(adapter_id).state
+            if state == "failed":  # retryable (S3 down): back off instead of retrying every step
                 if now < self._retry_at.get(key, 0.0):
                     return
                 delay = min(2 * self._retry_delay.get(key, RETRY_MIN_S / 2), RETRY_MAX_S)
                 self._retry_delay[key], self._retry_at[key] = delay, now + delay
-            else:
+            elif state == "ready":  # (not while a retry is loading: its failure must back off more)
                 self._retry_delay.pop(key, None)
                 self._retry_at.pop(key, None)
             self.store.request(adapter_id)
@@ -97,7 +97,7 @@ class ServedAdapters:
             return  # unpublished while queued: error() reports it
 
     def error(self, key: str) -> str | None:
-        adapter_id = key.rsplit("@", 1)[0]
+        adapter_id = key.split("@", 1)[0]
         try:
             status = self.store.status(adapter_id)
         except (InvalidAdapterName, UnknownAdapter):
@@ -107,13 +107,27 @@ class ServedAdapters:
         return None  # retryable failures (S3 down) are retried by the next load()
 
     def get(self, key: str) -> LoadedAdapter | None:
-        """The adapter's weights if they are in memory. A request queued before a republish gets
-        the newest version: the old one is gone from every tier."""
-        adapter_id = key.rsplit("@", 1)[0]
+        """The adapter's weights if they are in memory and of the key's version (the scheduler
+        names a slot after the key it loads, so it must never hold another version's weights)."""
+        adapter_id, version = key.split("@", 1)
         try:
-            return self.store.get(adapter_id)
+            weights = self.store.get(adapter_id)
         except (InvalidAdapterName, UnknownAdapter):
             return None
+        if weights is None or weights.version != version:
+            return None
+        self._retry_delay.pop(key, None)  # loaded: a later failure starts its backoff afresh
+        self._retry_at.pop(key, None)
+        return weights
+
+    def current(self, key: str) -> str:
+        """The key requests for this adapter get now: a request queued before a republish is
+        moved to the new version (the old one is gone from every tier)."""
+        adapter_id = key.split("@", 1)[0]
+        try:
+            return self.key_of(adapter_id)
+        except InvalidRequest:  # unpublished: error() reports it
+            return key
 
     # -- registry refresh ----------------------------------------------------------------------
 

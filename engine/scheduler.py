@@ -40,6 +40,8 @@ class AdapterPort(Protocol):
 
     def error(self, adapter: str) -> str | None: ...  # why the last load failed, if it did
 
+    def current(self, adapter: str) -> str: ...  # the key its name resolves to now (a republish moves it)
+
 
 @dataclass
 class ScheduledChunk:
@@ -198,8 +200,11 @@ class Scheduler:
                 self.finish(req, FinishReason.ERROR)
                 out.failed.append((req, error))
             return False
-        weights = self.adapters.get(adapter)
+        weights = self.adapters.get(adapter)  # only the weights of exactly this version
         if weights is None:
+            current = self.adapters.current(adapter)
+            if current != adapter:  # republished while these waited: they run on the new version
+                self._rekey(adapter, current)
             return False  # _prefetch starts its load when it is among the next few cold adapters
         slot, evicted = self.slots.assign(adapter)
         if slot is None:  # every slot serves running requests: ask the longest holder to yield
@@ -264,6 +269,15 @@ class Scheduler:
         return ScheduledChunk(
             req, start, n, self.kv.block_table(req.request_id), start + n == req.num_tokens, slot
         )
+
+    def _rekey(self, old: str, new: str) -> None:
+        """Move the requests waiting for `old` to the back of `new`'s queue. A slot is only ever
+        named after the version its weights are, so a later rollback cannot find stale weights."""
+        waiting = self.queues.pop(old)
+        self._turns.remove(old)
+        for req in waiting:
+            req.adapter_id = new
+            self.add(req)
 
     def _drop_if_empty(self, adapter: str | None) -> None:
         if not self.queues[adapter]:

@@ -270,7 +270,7 @@ def _adapter_ids(requests: Callable[[], Iterable[Any]]) -> frozenset[str]:
     for _ in range(5):
         with contextlib.suppress(RuntimeError):
             # Engine keys are "<id>@<version>"; the endpoint picker matches served names.
-            return frozenset(r.adapter_id.rsplit("@", 1)[0] for r in tuple(requests()) if r.adapter_id)
+            return frozenset(r.adapter_id.split("@", 1)[0] for r in tuple(requests()) if r.adapter_id)
     return frozenset()
 
 

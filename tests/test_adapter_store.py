@@ -234,6 +234,22 @@ def test_pinned_adapters_are_preloaded_and_never_evicted(tmp_path, open_store):
     assert store.status("team/p").state == "absent"
 
 
+def test_an_adapter_that_cannot_fit_beside_the_pinned_ones_evicts_nobody(tmp_path, open_store):
+    """Refused before evicting: other tenants keep their warm adapters. And since pinned adapters
+    never leave, the refusal is final (not retried every step)."""
+    specs = {"team/p": make_adapter_files(seed=9), "team/warm": make_adapter_files(seed=1),
+             "team/big": make_adapter_files(rank=8, seed=2)}  # fmt: skip
+    store = open_store(
+        config(cpu_bytes=2 * NBYTES + NBYTES // 2), pinned(local_adapters(tmp_path, specs), "team/p")
+    )
+    assert store.wait("team/p", WAIT_S).state == "ready"
+    load(store, "team/warm")
+    store.request("team/big")  # about 2 x NBYTES: fits only without the pinned adapter
+    status = store.wait("team/big", WAIT_S)
+    assert status.state == "failed" and status.error.reason == "CpuTierFull" and not status.retryable
+    assert store.status("team/warm").state == "ready" and store.stats().evictions["cpu"] == 0
+
+
 def test_a_pinned_adapter_whose_preload_failed_is_retried_without_a_request(tmp_path, open_store):
     specs = {"team/a0": make_adapter_files(seed=0), "team/p": make_adapter_files(seed=9)}
     registry = local_adapters(tmp_path, specs)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from lorafleet.engine.adapter_store import AdapterStoreConfig
 from lorafleet.engine.adapters import ServedAdapters, open_adapters
 from lorafleet.engine.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from lorafleet.engine.llm_engine import LLMEngine
+from lorafleet.engine.registry import Registry
 from lorafleet.engine.request import SamplingParams
 from tests.plugins.tiny_models import ALL, make_peft_adapter
 
@@ -111,3 +115,49 @@ def test_base_model_name_overrides_the_model_directorys_name(tiny_llama_dir, ada
                 assert "BaseModelMismatch" in repr(status.error), status.error
         finally:
             adapters.close()
+
+
+class StubStore:
+    """The slice of AdapterStore that ServedAdapters reads: one adapter, its state and version."""
+
+    def __init__(self) -> None:
+        self.state, self.version, self.loads = "absent", "v1", 0
+        self.registry = Registry("tiny")
+
+    def status(self, adapter_id: str) -> Any:
+        return SimpleNamespace(state=self.state, version=self.version, error=None, retryable=True)
+
+    def request(self, adapter_id: str) -> None:
+        if self.state in ("absent", "failed"):  # single-flight: nothing new while one loads
+            self.state, self.loads = "loading", self.loads + 1
+
+    def get(self, adapter_id: str) -> Any:
+        return SimpleNamespace(version=self.version) if self.state == "ready" else None
+
+
+def test_served_adapters_hand_out_only_the_keys_version():
+    store = StubStore()
+    served = ServedAdapters(store)  # type: ignore[arg-type]
+    store.state = "ready"
+    assert served.get("ns/a@v1") is not None and served.current("ns/a@v1") == "ns/a@v1"
+    store.version = "v2@2026"  # republished (a version may hold "@"; an adapter id may not)
+    assert served.get("ns/a@v1") is None
+    assert served.current("ns/a@v1") == "ns/a@v2@2026" and served.get("ns/a@v2@2026") is not None
+
+
+def test_loads_of_a_failing_adapter_back_off(monkeypatch):
+    """A retry that is still loading must not reset the backoff: each failure waits longer."""
+    clock = [0.0]
+    monkeypatch.setattr("lorafleet.engine.adapters.time.monotonic", lambda: clock[0])
+    store = StubStore()
+    served = ServedAdapters(store)  # type: ignore[arg-type]
+    starts = []
+    for _ in range(200):  # 20 s of scheduler steps; every load fails 0.2 s after it starts
+        served.load("ns/a@v1")
+        if store.state == "loading" and (not starts or starts[-1][1] != store.loads):
+            starts.append((clock[0], store.loads))
+        if store.state == "loading" and clock[0] - starts[-1][0] >= 0.2:
+            store.state = "failed"
+        clock[0] += 0.1
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(starts)]
+    assert len(starts) <= 8 and gaps == sorted(gaps) and gaps[-1] >= 4, starts

@@ -21,6 +21,7 @@ class FakeAdapters:
         self.ready = set(ready or ())
         self.failed: dict[str, str] = {}
         self.loads: Counter[str] = Counter()
+        self.republished: dict[str, str] = {}  # old key -> the key the name resolves to now
 
     def get(self, adapter: str) -> object | None:
         return f"weights of {adapter}" if adapter in self.ready else None
@@ -33,6 +34,9 @@ class FakeAdapters:
 
     def finish_load(self, adapter: str) -> None:
         self.ready.add(adapter)
+
+    def current(self, adapter: str) -> str:
+        return self.republished.get(adapter, adapter)
 
 
 def make(
@@ -94,6 +98,24 @@ def test_a_cold_adapter_waits_while_everyone_else_keeps_going():
     out = step(s)
     assert {c.request.adapter_id for c in out.chunks} == {"ns/warm", None, "ns/cold"}
     assert [a for _, a, _ in out.slot_loads] == ["ns/cold"]
+
+
+def test_requests_queued_across_a_republish_run_on_the_new_version_in_its_own_slot():
+    """A slot is named after the version of the weights in it. Requests that waited for v1 while
+    v2 was published move to v2 (v1 is gone from every tier), so no slot named v1 ever holds v2's
+    weights, and a rollback to v1 cannot be served from one."""
+    adapters = FakeAdapters()
+    s = make(adapters, slots=2)
+    queued = [req("ns/a@v1") for _ in range(2)]
+    for r in queued:
+        s.add(r)
+    step(s)  # v1 is loading
+    adapters.republished["ns/a@v1"] = "ns/a@v2"
+    adapters.ready.add("ns/a@v2")  # what the store holds now
+    loads = [load for _ in range(2) for load in step(s).slot_loads]
+    assert [(a, w) for _, a, w in loads] == [("ns/a@v2", "weights of ns/a@v2")]
+    assert {r.adapter_id for r in queued} == {"ns/a@v2"} and all(r.output_token_ids for r in queued)
+    assert s.slots.slot_of("ns/a@v1") is None
 
 
 def test_a_failed_load_fails_only_its_own_requests():
