@@ -42,7 +42,16 @@ from .adapter_format import (
     validate_adapter_dir,
 )
 from .registry import Registry, RegistryEntry, validate_adapter_id
-from .s3 import S3Client, S3Object, S3SourceError, fetch_objects, list_objects, parse_s3_uri, safe_name
+from .s3 import (
+    S3Client,
+    S3Object,
+    S3SourceError,
+    fetch_objects,
+    is_user_error,
+    list_objects,
+    parse_s3_uri,
+    safe_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +158,7 @@ def _client_error(e: ClientError, uri: str) -> Exception:
     what = f"{error.get('Code')}: {error.get('Message')}"
     if status in (404, 412):  # listed a moment ago: deleted or replaced since
         return SourceUnavailable("VersionMismatch", f"{uri} changed while being read ({what}); retry")
-    if 400 <= status < 500:
+    if is_user_error(e):
         return AdapterError("SourceRefused", f"S3 refused access to {uri}: {what}")
     return SourceUnavailable("S3Unavailable", f"S3 failed reading {uri} ({what}); retry later")
 

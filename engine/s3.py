@@ -182,10 +182,23 @@ def _download(client: S3Client, bucket: str, obj: S3Object, target: Path, meter:
         )
 
 
-def _raise_if_user_error(e: ClientError, what: str) -> None:
-    """4xx answers (no such bucket, access denied, precondition failed) are the user's to fix."""
+# 4xx answers that mean "not now" rather than "never": retried like a 5xx, not reported as the
+# user's mistake (an expired session token is refreshed, a skewed clock is corrected, throttling ends).
+TRANSIENT_CODES = frozenset({
+    "RequestTimeout", "RequestTimeTooSkewed", "ExpiredToken", "TokenRefreshRequired", "SlowDown",
+    "Throttling", "ThrottlingException", "TooManyRequests", "RequestLimitExceeded",
+})  # fmt: skip
+
+
+def is_user_error(e: ClientError) -> bool:
+    """A 4xx answer the user must fix (no such bucket, access denied, precondition failed)."""
     status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    if 400 <= status < 500:
+    code = e.response.get("Error", {}).get("Code")
+    return 400 <= status < 500 and status != 429 and code not in TRANSIENT_CODES
+
+
+def _raise_if_user_error(e: ClientError, what: str) -> None:
+    if is_user_error(e):
         error = e.response.get("Error", {})
         raise S3SourceError(f"{what}: {error.get('Code')}: {error.get('Message')}") from e
 

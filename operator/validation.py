@@ -30,7 +30,7 @@ from lorafleet.engine.adapter_format import (
     read_safetensors_head,
     s3_adapter_version,
 )
-from lorafleet.engine.s3 import S3Client, S3SourceError, list_objects, parse_s3_uri
+from lorafleet.engine.s3 import S3Client, S3SourceError, is_user_error, list_objects, parse_s3_uri
 
 from .spec import BaseModel, LoRAAdapter, selector_matches
 
@@ -131,7 +131,7 @@ def _get(
         return bytes(client.get_object(Bucket=bucket, Key=key, **kwargs)["Body"].read())
     except ClientError as e:
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if status in (403, 404):
+        if status in (403, 404) and is_user_error(e):
             raise AdapterError(
                 "MissingFile", f"cannot read {where}: {e.response.get('Error', {}).get('Code')}"
             ) from e

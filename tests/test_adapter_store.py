@@ -636,3 +636,24 @@ def test_half_precision_adapters_are_widened_to_float32(tmp_path, open_store):
     adapter = load(store, "team/half")
     assert adapter.nbytes == NBYTES and all(a.dtype == torch.float32 for a, _ in adapter.weights.values())
     assert_weights(adapter, files)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "final"),
+    [(403, "AccessDenied", True), (404, "NoSuchBucket", False), (400, "ExpiredToken", False),
+     (403, "RequestTimeTooSkewed", False), (400, "RequestTimeout", False), (503, "SlowDown", False),
+     (429, "TooManyRequests", False), (400, "InvalidArgument", True)],
+)  # fmt: skip
+def test_only_s3_refusals_the_user_must_fix_are_final(status, code, final):
+    """A passing 4xx (expired session token, skewed clock, throttling) is retried like a 5xx; a
+    final refusal would keep the adapter failed in this engine until it is republished."""
+    from botocore.exceptions import ClientError
+
+    from lorafleet.engine.adapter_format import AdapterError
+    from lorafleet.engine.adapter_sources import SourceUnavailable, _client_error
+
+    e = ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
+    error = _client_error(e, "s3://b/a/")
+    assert isinstance(error, AdapterError if final else SourceUnavailable), error
