@@ -20,6 +20,11 @@ class SlotTable:
     def slot_of(self, adapter: str) -> int | None:
         return self._slot.get(adapter)
 
+    @property
+    def num_resident(self) -> int:
+        """Slots holding an adapter (one len(): safe to read from another thread)."""
+        return len(self._slot)
+
     def active(self) -> list[str]:
         """Adapters that running requests use."""
         return [a for a, n in self._users.items() if n]

@@ -73,9 +73,12 @@ class AdapterMetrics:
         self.max_lora = 0  # GPU adapter slots; reported in vllm:lora_requests_info
         self._seen: dict[str, dict[str, int]] = {}  # the store's cumulative counts already exported
 
-    def observe(self, s: AdapterStoreStats, slotted: int) -> None:
-        """Export a snapshot of the store's counters; `slotted`: adapters in GPU slots."""
+    def observe(self, s: AdapterStoreStats, slotted: int, active: int, waiting: int) -> None:
+        """Export a snapshot of the store's counters; `slotted`: adapters in GPU slots; `active`:
+        adapters with running requests; `waiting`: adapters whose requests all wait."""
         self.resident.labels("gpu").set(slotted)
+        self.active.set(active)
+        self.waiting.set(waiting)
         for tier in ("cpu", "disk"):
             self.resident.labels(tier).set(s.resident.get(tier, 0))
             self.resident_bytes.labels(tier).set(s.resident_bytes.get(tier, 0))
@@ -93,7 +96,6 @@ class AdapterMetrics:
             for seconds in list(samples)[len(samples) - min(len(samples), n - seen.get(source, 0)) :]:
                 self.load_seconds.labels(source).observe(seconds)
             seen[source] = n
-        self.active.set(s.active)
 
 
 class Metrics:

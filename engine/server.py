@@ -245,10 +245,14 @@ async def ready(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     m, llm = request.app[METRICS], request.app[ENGINE].engine
-    m.observe_engine(engine_snapshot(request.app[ENGINE]))
+    snapshot = engine_snapshot(request.app[ENGINE])
+    m.observe_engine(snapshot)
     store = getattr(request.app[ADAPTERS], "store", None)  # a ServedAdapters' AdapterStore
     if store is not None:
-        m.adapters.observe(store.stats(), len(llm.scheduler.slots.active()))
+        running, waiting = snapshot.running_adapters, snapshot.waiting_adapters
+        m.adapters.observe(
+            store.stats(), llm.scheduler.slots.num_resident, len(running), len(waiting - running)
+        )
     return web.Response(body=m.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -416,3 +416,7 @@ async def test_metrics_expose_the_inference_gateway_gauges(start_server):
     assert value(idle, "lorafleet_time_to_first_token_seconds_count") == 2
     assert value(idle, "lorafleet_time_per_output_token_seconds_count") == 2
     assert "lorafleet_adapter_load_seconds" in idle and "lorafleet_adapters_resident" in idle
+    # acme/support ran, and stays in its slot when idle.
+    assert (value(busy, "lorafleet_adapters_active"), value(idle, "lorafleet_adapters_active")) == (1, 0)
+    assert value(idle, "lorafleet_adapters_resident", tier="gpu") == 1
+    assert value(busy, "lorafleet_adapters_waiting") == value(idle, "lorafleet_adapters_waiting") == 0
