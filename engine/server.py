@@ -194,9 +194,8 @@ def authorize(request: web.Request, adapter_id: str) -> None:
         raise ApiError(403, str(e), type="permission_error", code="forbidden") from None
 
 
-@contextlib.asynccontextmanager
-async def admitted(app: web.Application) -> AsyncIterator[None]:
-    """Count a request in flight for its whole life; refuse it (429) when the queue is full."""
+def refuse_if_unavailable(app: web.Application) -> None:
+    """503 while draining, 429 when the queue is full."""
     state, config = app[STATE], app[CONFIG]
     if state.draining:
         raise ApiError(
@@ -208,6 +207,13 @@ async def admitted(app: web.Application) -> AsyncIterator[None]:
             429, f"the server is at capacity ({limit} requests in flight); retry later",
             type="rate_limit_error", code="queue_full", headers={"Retry-After": str(config.retry_after_s)},
         )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def admitted(app: web.Application) -> AsyncIterator[None]:
+    """Count a request in flight for its whole life; refuse it (429) when the queue is full."""
+    refuse_if_unavailable(app)
+    state = app[STATE]
     state.inflight += 1
     state.idle.clear()
     app[METRICS].inflight.set(state.inflight)
@@ -330,10 +336,7 @@ async def generation(request: web.Request, api: str, stream: bool = False) -> we
     """Validate, resolve, tokenize, admit, run: every generation route goes through here."""
     arrival = time.monotonic()
     app = request.app
-    if app[STATE].draining:
-        raise ApiError(
-            503, "the server is shutting down; retry on another replica", type="service_unavailable"
-        )
+    refuse_if_unavailable(app)  # before the body is read and tokenized; admitted() checks again
     body = protocol.parse_json_object(await read_body(request))
     if api == "completions":
         req = protocol.parse_completion(body)

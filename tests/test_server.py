@@ -248,6 +248,9 @@ async def test_full_queue_gets_429_with_retry_after(start_server):
         async with s.post(f"{srv.url}/v1/completions", json=body) as resp:
             assert resp.status == 429 and resp.headers["Retry-After"] == "1"
             assert (await resp.json())["error"]["code"] == "queue_full"
+        # Refused before its body is read or tokenized: overload must not cost a tokenization.
+        async with s.post(f"{srv.url}/v1/completions", data=b"not even json") as resp:
+            assert resp.status == 429
         srv.gate.open()
         for task in streams:
             async with await task as resp:
@@ -418,5 +421,5 @@ async def test_metrics_expose_the_inference_gateway_gauges(start_server):
     assert "lorafleet_adapter_load_seconds" in idle and "lorafleet_adapters_resident" in idle
     # acme/support ran, and stays in its slot when idle.
     assert (value(busy, "lorafleet_adapters_active"), value(idle, "lorafleet_adapters_active")) == (1, 0)
-    assert value(idle, "lorafleet_adapters_resident", tier="gpu") == 1
+    assert value(idle, "lorafleet_adapters_resident", tier="gpu") >= 1
     assert value(busy, "lorafleet_adapters_waiting") == value(idle, "lorafleet_adapters_waiting") == 0
