@@ -48,7 +48,18 @@ class ValidatedAdapter:
 def check_against_basemodel(
     adapter: LoRAAdapter, bm: BaseModel, namespace_labels: Mapping[str, str] | None
 ) -> None:
-    """Namespace admission. `namespace_labels`: the adapter namespace's labels (None if unknown)."""
+    """Namespace admission and the BaseModel's adapter location policy. `namespace_labels`: the
+    adapter namespace's labels (None if unknown)."""
+    if bm.adapter_uri_prefix:
+        allowed = bm.adapter_uri_prefix.replace("{namespace}", adapter.namespace).rstrip("/") + "/"
+        rest = adapter.uri[len(allowed) :].rstrip("/")
+        # No "."/".."/empty segments either: some S3-compatible stores normalize them away.
+        if not adapter.uri.startswith(allowed) or (rest and {"", ".", ".."} & set(rest.split("/"))):
+            raise AdapterError(
+                "SourceNotAllowed",
+                f"BaseModel {bm.namespace}/{bm.name} serves adapters of namespace {adapter.namespace!r} "
+                f"only from under {allowed}; {adapter.uri} is not",
+            )
     if adapter.namespace == bm.namespace:
         return
     selector = bm.adapter_namespace_selector

@@ -194,6 +194,14 @@ INVALID = [
     ("port out of range", "BaseModel", "spec.service.port", 70000, "spec.service.port", "maximum"),
     ("unknown service type", "BaseModel", "spec.service.type", "ExternalName", "spec.service.type", "enum"),
     ("served name upper case", "BaseModel", "spec.servedName", "SmolLM2", "spec.servedName", "pattern"),
+    (
+        "adapter prefix not s3",
+        "BaseModel",
+        "spec.adapterURIPrefix",
+        "https://x/{namespace}/",
+        "spec.adapterURIPrefix",
+        "pattern",
+    ),  # fmt: skip
     ("endpoint not http", "BaseModel", "spec.s3.endpointUrl", "minio:9000", "spec.s3.endpointUrl", "pattern"),
     (
         "selector operator",

@@ -152,6 +152,32 @@ def test_parse_quantity(text, value):
 
 
 @pytest.mark.parametrize(
+    "namespace, uri, allowed",
+    [
+        ("team-a", "s3://adapters/team-a/support/v1", True),
+        ("team-a", "s3://adapters/team-a/", True),
+        ("team-a", "s3://adapters/team-b/support/v1", False),  # another tenant's adapter
+        ("team-a", "s3://adapters/team-ab/x", False),  # a prefix of the name is not the folder
+        ("team-a", "s3://adapters/team-a/../team-b/support", False),  # normalized away by some stores
+        ("team-a", "s3://adapters/team-a//x", False),
+        ("team-a", "s3://other-bucket/team-a/x", False),
+    ],
+)
+def test_adapter_uri_prefix_keeps_each_namespace_in_its_own_folder(namespace, uri, allowed):
+    """Engines read every adapter with the BaseModel's credentials; the prefix is what stops a
+    tenant from publishing another tenant's weights under its own name."""
+    bm = parse_basemodel(bm_body(adapterURIPrefix="s3://adapters/{namespace}", adapterNamespaceSelector={}))
+    adapter = parse_adapter(adapter_body(namespace, source={"uri": uri}))
+    if allowed:
+        check_against_basemodel(adapter, bm, {})
+    else:
+        with pytest.raises(AdapterError, match="only from under s3://adapters/team-a/") as e:
+            check_against_basemodel(adapter, bm, {})
+        assert e.value.reason == "SourceNotAllowed"
+    check_against_basemodel(adapter, parse_basemodel(bm_body(adapterNamespaceSelector={})), {})  # no policy
+
+
+@pytest.mark.parametrize(
     "selector, labels, matches",
     [
         ({}, {}, True),
