@@ -22,6 +22,8 @@ HTTP_PORT = 8000  # engine HTTP: OpenAI API, /generate, /health, /ready and /met
 REGISTRY_DIR = "/etc/lorafleet/registry"
 ADAPTER_CACHE_DIR = "/var/cache/lorafleet/adapters"
 MODEL_DIR = "/models"
+MODEL_CACHE_DIR = "/var/cache/lorafleet/models"  # the image's LORAFLEET_CACHE_DIR
+ENGINE_GID = 10001  # the image's user and group
 # The pod mounts this many registry shards, all but the first optional, so that adding a shard
 # (past ~15,000 adapters per shard) never changes the pod template.
 MAX_REGISTRY_SHARDS = 8
@@ -150,6 +152,9 @@ def _volumes(bm: BaseModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
             {"name": "model", "persistentVolumeClaim": {"claimName": bm.pvc_claim, "readOnly": True}}
         )
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    elif bm.source == "s3":  # downloaded once per pod, not again after every container restart
+        volumes.append({"name": "model-cache", "emptyDir": {}})
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR})
     return volumes, mounts
 
 
@@ -184,6 +189,8 @@ def render_deployment(bm: BaseModel) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
+        # Volumes (a disk-cache PVC above all) writable by the engine, whatever user the image runs as.
+        "securityContext": {"fsGroup": ENGINE_GID, "fsGroupChangePolicy": "OnRootMismatch"},
         "terminationGracePeriodSeconds": bm.drain_seconds + PRESTOP_SLEEP_S,
     }
     for key, value in (

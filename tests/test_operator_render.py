@@ -290,6 +290,18 @@ def test_pvc_model_and_cache_volumes():
     assert volumes["adapter-cache"]["persistentVolumeClaim"] == {"claimName": "cache"}
     args = pod["containers"][0]["args"]
     assert args[args.index("--model") + 1] == "/models/smol"
+    # A PVC is usually root-owned; the engine (uid 10001) writes the disk tier to it through its group.
+    assert pod["securityContext"]["fsGroup"] == 10001 and "model-cache" not in volumes
+
+
+def test_an_s3_model_is_cached_on_a_volume_that_outlives_container_restarts():
+    """Not the container's writable layer: a restarted engine must not download the model again."""
+    pod = render_deployment(parse_basemodel(bm_body(**S3_SPEC)))["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert {v["name"]: v for v in pod["volumes"]}["model-cache"] == {"name": "model-cache", "emptyDir": {}}
+    dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    assert f"LORAFLEET_CACHE_DIR={mounts['model-cache']} " in dockerfile  # where the engine downloads it
 
 
 def test_children_are_owned_and_a_spec_change_rolls_the_pods():
