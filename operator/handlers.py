@@ -221,6 +221,33 @@ class Operator:
             spec_error=spec_error,
         )
 
+    async def ensure_children(self, body: Mapping[str, Any]) -> None:
+        """Re-create what was deleted behind the operator's back: a child, or the registry's
+        first ConfigMap (the pods do not start without it)."""
+        if body["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            bm = parse_basemodel(body)
+        except SpecError:
+            return  # the status says why; nothing to render
+        found = {  # each kind spelled out: the chart's RBAC test derives the verbs from these calls
+            "Deployment": await self.kube.get("Deployment", bm.namespace, bm.name),
+            "Service": await self.kube.get("Service", bm.namespace, bm.name),
+            "PodDisruptionBudget": await self.kube.get("PodDisruptionBudget", bm.namespace, bm.name),
+        }
+        for child in render_children(bm):
+            if found[child["kind"]] is None:
+                logger.info("re-creating %s %s/%s", child["kind"], bm.namespace, bm.name)
+                await self.kube.apply(child)
+        key, registry = (bm.namespace, bm.name), registry_configmap_name(bm, 0)
+        if (
+            self.writer.snapshot(key) is not None
+            and await self.kube.get("ConfigMap", bm.namespace, registry) is None
+        ):
+            logger.info("re-creating ConfigMap %s/%s", bm.namespace, registry)
+            self._published.pop((bm.namespace, registry), None)
+            await self.writer.republish(key)
+
     async def mirror_status(self, body: Mapping[str, Any], adapters: Mapping[str, int]) -> None:
         """Refresh a BaseModel's status from its Deployment; write only if something changed."""
         meta = body["metadata"]
@@ -463,6 +490,7 @@ def build_registry(
             return {f"{ns}/{name}" for (ns, name), _ in adapters.get(key, ())}
 
         try:
+            await op().ensure_children(body)
             await op().mirror_status(body, _adapter_counts(adapters.get(key)))
             if op().writer.snapshot(key) is not None:
                 stale = await op().writer.retain(key, live)
@@ -489,7 +517,9 @@ def build_registry(
             body["metadata"].get("labels", {}).get("lorafleet.io/basemodel", ""),
         )
         owner = bm_body(basemodels, key)
-        if owner is not None and type != "DELETED":
+        if owner is not None and type == "DELETED":
+            await op().ensure_children(owner)
+        elif owner is not None:
             await op().mirror_status(owner, _adapter_counts(adapters.get(key)))
 
     async def reconcile_adapter(body: kopf.Body, patch: kopf.Patch, basemodels: kopf.Index, **_: Any) -> None:

@@ -84,6 +84,11 @@ class RegistryWriter:
         else:
             await self._wait_published(state, state.version)
 
+    async def republish(self, key: Key) -> None:
+        """Write the registry again, unchanged (its ConfigMap was deleted)."""
+        state = await self._state(key)
+        await self._change(key, state)
+
     async def put(self, key: Key, adapter_id: str, entry: RegistryEntry, *, base_model: str) -> None:
         """Add or replace an entry; `base_model` is the served name, in case this is the first write."""
         state = await self._state(key)

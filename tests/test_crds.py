@@ -201,7 +201,7 @@ INVALID = [
         "https://x/{namespace}/",
         "spec.adapterURIPrefix",
         "pattern",
-    ),  # fmt: skip
+    ),
     ("endpoint not http", "BaseModel", "spec.s3.endpointUrl", "minio:9000", "spec.s3.endpointUrl", "pattern"),
     (
         "selector operator",

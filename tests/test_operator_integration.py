@@ -214,6 +214,21 @@ async def test_a_recreated_basemodel_gets_its_registry_back(kube, operator, weed
     assert await published(kube) == Registry("smol", {})
 
 
+async def test_children_deleted_by_hand_come_back(kube, operator, weed):
+    """The Service, PDB, Deployment and registry ConfigMap are the operator's: deleted behind its
+    back (a mistaken kubectl delete), each is re-created without any change to the BaseModel."""
+    await kube.create(basemodel(weed))
+    children = [("Deployment", "smol"), ("Service", "smol"), ("PodDisruptionBudget", "smol"),
+                ("ConfigMap", "smol-registry")]  # fmt: skip
+    for kind, name in children:
+        await kube.wait_for(kind, NS, name, lambda o: o is not None)
+    for kind, name in children:
+        await kube.delete(kind, NS, name)
+    for kind, name in children:
+        await kube.wait_for(kind, NS, name, lambda o: o is not None)
+    assert await published(kube) == Registry("smol", {})
+
+
 async def test_restart_leaves_no_duplicates(kube, operator, weed, s3_bucket):
     await setup_secret(kube, weed)
     await kube.create(basemodel(weed))
