@@ -9,9 +9,10 @@ a field the operator stops rendering is removed and a user's unrelated fields ar
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -44,6 +45,10 @@ class ApiError(Exception):
         self.status = status
 
 
+def _token_header(info: kopf.ConnectionInfo) -> dict[str, str]:
+    return {"Authorization": f"{info.scheme or 'Bearer'} {info.token}"} if info.token else {}
+
+
 def object_path(kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
     prefix, plural = KINDS[kind]
     path = f"{prefix}/namespaces/{namespace}/{plural}"
@@ -51,11 +56,17 @@ def object_path(kind: str, namespace: str, name: str | None = None, subresource:
 
 
 class KubeClient:
-    def __init__(self, info: kopf.ConnectionInfo, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        info: kopf.ConnectionInfo,
+        *,
+        timeout_s: float = 30.0,
+        relogin: Callable[[], kopf.ConnectionInfo | None] | None = None,
+    ) -> None:
         self.server = info.server.rstrip("/")
+        self._relogin = relogin  # on a 401: credentials again (tokens expire: exec plugins, rotation)
+        self._token_header = _token_header(info)
         headers = {"Accept": "application/json"}
-        if info.token:
-            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
         auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
         ssl_ctx: ssl.SSLContext | bool = True
         if self.server.startswith("https"):
@@ -75,12 +86,15 @@ class KubeClient:
 
     @classmethod
     def from_login(cls, logger: logging.Logger | None = None) -> KubeClient:
-        info = kopf.login_via_client(
-            logger=logger or logging.getLogger(__name__), settings=kopf.OperatorSettings()
-        )
+        def login() -> kopf.ConnectionInfo | None:
+            return kopf.login_via_client(
+                logger=logger or logging.getLogger(__name__), settings=kopf.OperatorSettings()
+            )
+
+        info = login()
         if info is None:
             raise kopf.PermanentError("no Kubernetes credentials: neither in-cluster nor a kubeconfig")
-        return cls(info)
+        return cls(info, relogin=login)
 
     async def close(self) -> None:
         await self.session.close()
@@ -94,16 +108,24 @@ class KubeClient:
         content_type: str = "application/json",
         **params: str,
     ) -> dict[str, Any]:
-        headers = {"Content-Type": content_type} if body is not None else {}
-        async with self.session.request(
-            method, self.server + path, json=body, headers=headers, params=params
-        ) as r:
-            if r.status >= 400:
-                raise ApiError(r.status, (await r.text())[:500])
-            if r.content_type != "application/json":
-                return {}
-            data = await r.json()
-            return data if isinstance(data, dict) else {}
+        for attempt in range(2):
+            headers = {"Content-Type": content_type} if body is not None else {}
+            headers |= self._token_header
+            async with self.session.request(
+                method, self.server + path, json=body, headers=headers, params=params
+            ) as r:
+                if r.status == 401 and attempt == 0 and self._relogin is not None:
+                    info = await asyncio.to_thread(self._relogin)
+                    if info is not None:
+                        self._token_header = _token_header(info)
+                        continue
+                if r.status >= 400:
+                    raise ApiError(r.status, (await r.text())[:500])
+                if r.content_type != "application/json":
+                    return {}
+                data = await r.json()
+                return data if isinstance(data, dict) else {}
+        raise AssertionError("unreachable")  # the second attempt returns or raises
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None if it does not exist."""

@@ -532,3 +532,36 @@ async def test_a_session_token_in_the_credentials_secret_is_used():
     client = await op.s3_client("http://127.0.0.1:1", "us-east-1", "tenant", "s3")
     creds = client._request_signer._credentials  # type: ignore[attr-defined]  # what requests are signed with
     assert (creds.access_key, creds.secret_key, creds.token) == ("AKIA", "secret", "token")
+
+
+async def test_the_api_client_signs_in_again_when_its_token_expires():
+    """Exec-plugin and rotated service-account tokens expire: a 401 gets new credentials, once."""
+    import kopf
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from lorafleet.operator.kube import KubeClient
+
+    seen: list[str] = []
+
+    async def configmap(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        if request.headers.get("Authorization") != "Bearer fresh":
+            return web.json_response({"reason": "Unauthorized"}, status=401)
+        return web.json_response({"kind": "ConfigMap", "metadata": {"name": "x"}})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/ns/configmaps/x", configmap)
+    async with TestServer(app, host="127.0.0.1") as server:
+        url = str(server.make_url("")).rstrip("/")
+        logins = iter(["fresh"])
+        client = KubeClient(
+            kopf.ConnectionInfo(server=url, token="expired"),
+            relogin=lambda: kopf.ConnectionInfo(server=url, token=next(logins)),
+        )
+        try:
+            assert (await client.get("ConfigMap", "ns", "x"))["metadata"]["name"] == "x"
+            assert (await client.get("ConfigMap", "ns", "x"))["metadata"]["name"] == "x"
+        finally:
+            await client.close()
+    assert seen == ["Bearer expired", "Bearer fresh", "Bearer fresh"]
