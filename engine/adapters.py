@@ -2,7 +2,8 @@
 
 The server asks which adapters exist (`list`, `resolve`: the `AdapterCatalog` contract); the
 engine turns a name into a versioned key (`key_of`) and the scheduler takes a key's weights
-when they are in memory (`get`), starts loads (`load`) and reads failures (`error`). Keys are
+when they are in memory (`get`), starts loads (`load`) and reads failures (`error`): final ones
+(the adapter is invalid) and retryable ones (S3 down), which `load` retries with backoff. Keys are
 `<namespace>/<name>@<version>`, so the slot table treats a republished adapter as a new adapter
 and never keeps serving old weights to requests that resolved the new version.
 
@@ -27,6 +28,7 @@ from .protocol import InvalidAdapterName as InvalidName
 from .protocol import UnknownAdapter as NotFound
 from .registry import Registry, RegistryWatcher
 from .request import InvalidRequest
+from .scheduler import AdapterFailure
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +98,15 @@ class ServedAdapters:
         except (InvalidAdapterName, UnknownAdapter):
             return  # unpublished while queued: error() reports it
 
-    def error(self, key: str) -> str | None:
+    def error(self, key: str) -> AdapterFailure | None:
         adapter_id = key.split("@", 1)[0]
         try:
             status = self.store.status(adapter_id)
         except (InvalidAdapterName, UnknownAdapter):
-            return f"adapter {adapter_id} was unpublished while the request waited"
-        if status.state == "failed" and status.error is not None and not status.retryable:
-            return str(status.error)
-        return None  # retryable failures (S3 down) are retried by the next load()
+            return AdapterFailure(f"adapter {adapter_id} was unpublished while the request waited", False)
+        if status.state == "failed" and status.error is not None:
+            return AdapterFailure(str(status.error), status.retryable)  # retryable: the next load() retries
+        return None
 
     def get(self, key: str) -> LoadedAdapter | None:
         """The adapter's weights if they are in memory and of the key's version (the scheduler

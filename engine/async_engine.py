@@ -9,6 +9,7 @@ No lock is held across a forward pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -52,6 +53,10 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set by the engine thread, under the lock, when it stops reading `_commands`; a submit
+        # checks it under the same lock, so none is left in the queue with nobody to answer it.
+        self._closing = threading.Lock()
+        self._closed = False
         self.num_running = 0  # updated by the engine thread; read for metrics and drain
         self.num_waiting = 0
 
@@ -59,6 +64,7 @@ class AsyncEngine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="lorafleet-engine", daemon=True)
         self._thread.start()
 
@@ -90,7 +96,10 @@ class AsyncEngine:
         request_id = request_id or f"async-{next(self._ids)}"
         sink: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         admitted: asyncio.Future[None] = self._loop.create_future()
-        self._commands.put(_Submit(request_id, prompt_token_ids, params, adapter_id, sink, admitted))
+        with self._closing:
+            if self._closed:  # it stopped since the check above
+                raise EngineDead("the engine is not running")
+            self._commands.put(_Submit(request_id, prompt_token_ids, params, adapter_id, sink, admitted))
         try:
             await admitted
             while True:
@@ -106,6 +115,7 @@ class AsyncEngine:
     # -- engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        reason = "the engine stopped"
         try:
             idle = False
             while True:
@@ -122,13 +132,19 @@ class AsyncEngine:
                 self.num_waiting = self.engine.scheduler.num_waiting
         except BaseException as e:  # a bug: fail every open request loudly, then stop
             log.exception("engine loop crashed")
-            for sub in self._sinks.values():
-                self._send(sub, EngineDead(f"engine loop crashed: {e!r}"))
+            reason = f"engine loop crashed: {e!r}"
             raise
         finally:
+            with self._closing:
+                self._closed = True
+            with contextlib.suppress(queue.Empty):  # submits that came after the stop or the crash
+                while True:
+                    cmd = self._commands.get_nowait()
+                    if isinstance(cmd, _Submit):
+                        self._resolve(cmd.admitted, EngineDead(reason))
             for rid in list(self._sinks):
+                self._send(self._sinks.pop(rid), EngineDead(reason))
                 self.engine.abort(rid)
-                self._send(self._sinks.pop(rid), EngineDead("the engine stopped"))
 
     def _drain_commands(self, wait: float | None) -> bool:
         """Apply queued submits and aborts, first waiting up to `wait` seconds for one (None:

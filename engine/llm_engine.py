@@ -41,6 +41,7 @@ class RequestOutput:
     finish_time: float | None
     error: str | None = None
     adapter_error: bool = False  # the error is the adapter's (it cannot be loaded), not the engine's
+    retryable: bool = False  # an adapter error that may pass (its source is down): retry later
 
 
 class AdapterSource(AdapterPort, Protocol):
@@ -143,7 +144,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         failed = [
-            self._output(r, [], "", finalize=True, error=msg, adapter_error=True) for r, msg in out.failed
+            self._output(r, [], "", finalize=True, error=f.message, adapter_error=True, retryable=f.retryable)
+            for r, f in out.failed
         ]
         if not out.chunks:
             return failed
@@ -184,6 +186,7 @@ class LLMEngine:
         finalize: bool,
         error: str | None = None,
         adapter_error: bool = False,
+        retryable: bool = False,
     ) -> RequestOutput:
         if finalize:
             text += self._detok.pop(req.request_id).flush() if req.request_id in self._detok else ""
@@ -191,7 +194,7 @@ class LLMEngine:
             self.runner.release(req)
         return RequestOutput(
             req.request_id, req.prompt_token_ids, tokens, text, req.finished, req.finish_reason,
-            req.arrival_time, req.first_token_time, req.finish_time, error, adapter_error,
+            req.arrival_time, req.first_token_time, req.finish_time, error, adapter_error, retryable,
         )  # fmt: skip
 
     # -- offline batch --------------------------------------------------------------------------

@@ -116,7 +116,7 @@ class Metrics:
         )  # fmt: skip
         self.e2e = Histogram(
             "lorafleet_e2e_request_latency_seconds",
-            "Arrival to last token",
+            "Arrival to last token, or to the end of a request that did not finish",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -160,14 +160,16 @@ class Metrics:
             waiting_lora_adapters=",".join(sorted(s.waiting_adapters)),
         ).set(time.time())
 
-    def observe_request(self, arrival: float, first_token: float | None, end: float, num_tokens: int) -> None:
-        """Latencies of one finished request, from `time.monotonic()` stamps."""
+    def observe_request(
+        self, arrival: float, first_token: float | None, last_token: float | None, end: float, num_tokens: int
+    ) -> None:
+        """Latencies of one request, finished or not (timed out, failed, client gone), from
+        `time.monotonic()` stamps. Its tokens are counted in `generated_tokens` as they come."""
         self.e2e.observe(end - arrival)
-        self.generated_tokens.inc(num_tokens)
-        if first_token is not None:
+        if first_token is not None and last_token is not None:
             self.ttft.observe(first_token - arrival)
             if num_tokens > 1:
-                self.tpot.observe((end - first_token) / (num_tokens - 1))
+                self.tpot.observe((last_token - first_token) / (num_tokens - 1))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,8 @@ while decodes keep flowing. Waiting requests sit in one queue per adapter and ar
 round-robin across adapters, so a flood for one adapter cannot starve a trickle for another.
 An adapter's requests are admitted only once its weights are loaded and it holds one of the
 fixed LoRA slots; a cold adapter's load is started here and its queue simply waits meanwhile.
+A load that fails for good fails its queue at once; one that fails retryably (S3 down) is
+retried, and fails the queue only if it keeps failing for `ADAPTER_RETRY_S`.
 When every slot serves running requests and another adapter waits, the adapter that has held
 its slot longest stops admitting (it "yields"): its running requests finish, its slot frees up
 and the waiting adapter takes it. Slots thus rotate like time slices, and with more adapters
@@ -29,6 +31,17 @@ from .request import FinishReason, Request, Status
 
 PREFETCH_DEPTH = 4  # cold adapters, in turn order, whose loads run at once
 MIN_SLOT_STEPS = 16  # an adapter keeps admitting for at least this many steps after taking a slot
+# How long an adapter's waiting requests wait while its loads keep failing retryably (S3 down),
+# retried with backoff meanwhile; then they fail (HTTP 503) instead of waiting out their timeout.
+ADAPTER_RETRY_S = 30.0
+
+
+@dataclass(frozen=True)
+class AdapterFailure:
+    """Why an adapter's last load failed."""
+
+    message: str
+    retryable: bool  # its source is down (S3) or memory is short: a later load may work
 
 
 class AdapterPort(Protocol):
@@ -38,7 +51,7 @@ class AdapterPort(Protocol):
 
     def load(self, adapter: str) -> None: ...  # start a background load if none runs (idempotent)
 
-    def error(self, adapter: str) -> str | None: ...  # why the last load failed, if it did
+    def error(self, adapter: str) -> AdapterFailure | None: ...  # why the last load failed, if it did
 
     def current(self, adapter: str) -> str: ...  # the key its name resolves to now (a republish moves it)
 
@@ -59,7 +72,7 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     # (slot, adapter, weights from AdapterPort.get) to fill before running
     slot_loads: list[tuple[int, str, Any]] = field(default_factory=list)
-    failed: list[tuple[Request, str]] = field(default_factory=list)  # ended here because their adapter failed
+    failed: list[tuple[Request, AdapterFailure]] = field(default_factory=list)  # ended: their adapter failed
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +102,7 @@ class Scheduler:
         self._forming = True  # static mode: the batch still takes requests
         self._slotted_at: dict[str, int] = {}  # step at which an adapter took its slot
         self._yielding: set[str] = set()  # slotted adapters admitting nothing until they lose the slot
+        self._failing_since: dict[str, float] = {}  # adapter -> first retryable failure its queue met
         self._reserve = int(config.admission_watermark * kv.num_blocks)
         self.num_preemptions = 0  # since start, for metrics
 
@@ -194,11 +208,13 @@ class Scheduler:
             return True
         if self.adapters is None:
             raise RuntimeError(f"request for adapter {adapter!r} but the engine has no adapter store")
-        error = self.adapters.error(adapter)
-        if error is not None:
+        failure = self.adapters.error(adapter)
+        if failure is not None and failure.retryable:
+            failure = self._outlasted(adapter, failure)
+        if failure is not None:
             for req in list(self.queues[adapter]):
                 self.finish(req, FinishReason.ERROR)
-                out.failed.append((req, error))
+                out.failed.append((req, failure))
             return False
         weights = self.adapters.get(adapter)  # only the weights of exactly this version
         if weights is None:
@@ -206,6 +222,7 @@ class Scheduler:
             if current != adapter:  # republished while these waited: they run on the new version
                 self._rekey(adapter, current)
             return False  # _prefetch starts its load when it is among the next few cold adapters
+        self._failing_since.pop(adapter, None)
         slot, evicted = self.slots.assign(adapter)
         if slot is None:  # every slot serves running requests: ask the longest holder to yield
             holders = [a for a in self.slots.active() if a not in self._yielding]
@@ -220,6 +237,18 @@ class Scheduler:
         self._slotted_at[adapter] = self._step
         out.slot_loads.append((slot, adapter, weights))
         return True
+
+    def _outlasted(self, adapter: str, failure: AdapterFailure) -> AdapterFailure | None:
+        """The failure to end the adapter's waiting requests with, once its loads have failed
+        retryably for ADAPTER_RETRY_S; None until then (_prefetch retries them, with backoff), so
+        a short S3 blip fails nobody."""
+        now = time.monotonic()
+        since = self._failing_since.setdefault(adapter, now)
+        if now - since < ADAPTER_RETRY_S:
+            return None
+        return AdapterFailure(
+            f"{failure.message} (still failing after {now - since:.0f} s; retry later)", True
+        )
 
     def _prefetch(self) -> None:
         if self.adapters is None:
@@ -275,6 +304,7 @@ class Scheduler:
         named after the version its weights are, so a later rollback cannot find stale weights."""
         waiting = self.queues.pop(old)
         self._turns.remove(old)
+        self._failing_since.pop(old, None)
         for req in waiting:
             req.adapter_id = new
             self.add(req)
@@ -283,6 +313,8 @@ class Scheduler:
         if not self.queues[adapter]:
             del self.queues[adapter]
             self._turns.remove(adapter)
+            if adapter is not None:  # a failure streak counts only while requests wait through it
+                self._failing_since.pop(adapter, None)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -53,7 +53,7 @@ class ServerConfig:
     request_timeout_s: float = 600.0  # arrival to last token; then the request is cancelled (504)
     max_tokens_cap: int = 4096  # largest max_tokens accepted, and the default where the API has none
     drain_grace_s: float = 30.0  # after SIGTERM, how long in-flight requests may take to finish
-    retry_after_s: int = 1  # the Retry-After of a 429
+    retry_after_s: int = 1  # the Retry-After of a 429, and of a 503 for an adapter whose source is down
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # empty: authentication is off
     # Where adapters come from; stored here for the adapter registry, which wires them.
     registry_path: str | None = None
@@ -449,7 +449,9 @@ class Run:
         )
         self.tokens: list[dict[str, Any]] = []  # LoRAX details.tokens
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self.finished = False
+        self.refused = False  # by the engine (invalid, or not running): not measured, it never ran
         timeout = app[CONFIG].request_timeout_s
         self.deadline = asyncio.get_running_loop().time() + timeout - (time.monotonic() - arrival)
         stream = app[ENGINE].generate(prompt_ids, params, adapter_id, self.result.id)
@@ -466,16 +468,25 @@ class Run:
             raise ApiError(504, f"the request did not finish within {timeout:g} s", type="timeout",
                            code="request_timeout") from None  # fmt: skip
         except InvalidRequest as e:
+            self.refused = True
             raise bad(str(e)) from None
         except (EngineDead, StopAsyncIteration) as e:
+            self.refused = True  # (or it crashed mid-request: then the server exits)
             raise ApiError(503, f"the engine is not running: {e}", type="service_unavailable") from None
         if out.error is not None and out.adapter_error:  # a published adapter that cannot be served
+            if out.retryable:  # for now: its source (S3) is down
+                retry_after = str(self.app[CONFIG].retry_after_s)
+                raise ApiError(503, out.error, type="service_unavailable", code="adapter_unavailable",
+                               headers={"Retry-After": retry_after})  # fmt: skip
             raise ApiError(422, out.error, type="invalid_request_error", code="adapter_unavailable")
         if out.error is not None:
             raise ApiError(500, f"generation failed: {out.error}", type="server_error")
         r, special = self.result, self.app[VOCAB].special
-        if out.token_ids and self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+        if out.token_ids:
+            self.last_token_at = time.monotonic()
+            if self.first_token_at is None:
+                self.first_token_at = self.last_token_at
+            self.app[METRICS].generated_tokens.inc(len(out.token_ids))
         r.token_ids += out.token_ids
         r.text += out.text
         for i, t in enumerate(out.token_ids):  # the delta's text goes with its last token
@@ -484,13 +495,22 @@ class Run:
             )
         if out.finished:
             self.finished, r.finish_reason = True, out.finish_reason
-            m = self.app[METRICS]
-            m.prompt_tokens.inc(r.prompt_tokens)
-            m.observe_request(self.arrival, self.first_token_at, time.monotonic(), len(r.token_ids))
+            self._observe()
         return out
 
     async def close(self) -> None:
-        await self._stream.aclose()  # cancels the request in the engine if it is still running
+        """Cancel the request in the engine if it is still running. One that ran and did not finish
+        (timed out, failed, its client gone) is measured here, so the slowest requests count too."""
+        if not self.finished and not self.refused:
+            self._observe()
+        await self._stream.aclose()
+
+    def _observe(self) -> None:
+        m, r = self.app[METRICS], self.result
+        m.prompt_tokens.inc(r.prompt_tokens)
+        m.observe_request(
+            self.arrival, self.first_token_at, self.last_token_at, time.monotonic(), len(r.token_ids)
+        )
 
     def events(self, out: RequestOutput, first: bool) -> list[bytes]:
         """The SSE events for one engine delta."""

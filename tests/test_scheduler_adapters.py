@@ -11,7 +11,7 @@ from collections import Counter
 from lorafleet.engine.config import SchedulerConfig
 from lorafleet.engine.kv_cache import KVCacheManager
 from lorafleet.engine.request import FinishReason, Request, SamplingParams
-from lorafleet.engine.scheduler import PREFETCH_DEPTH, Scheduler
+from lorafleet.engine.scheduler import ADAPTER_RETRY_S, PREFETCH_DEPTH, AdapterFailure, Scheduler
 
 
 class FakeAdapters:
@@ -19,7 +19,7 @@ class FakeAdapters:
 
     def __init__(self, ready: set[str] | None = None) -> None:
         self.ready = set(ready or ())
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, AdapterFailure] = {}
         self.loads: Counter[str] = Counter()
         self.republished: dict[str, str] = {}  # old key -> the key the name resolves to now
 
@@ -29,7 +29,7 @@ class FakeAdapters:
     def load(self, adapter: str) -> None:
         self.loads[adapter] += 1
 
-    def error(self, adapter: str) -> str | None:
+    def error(self, adapter: str) -> AdapterFailure | None:
         return self.failed.get(adapter)
 
     def finish_load(self, adapter: str) -> None:
@@ -126,15 +126,47 @@ def test_a_failed_load_fails_only_its_own_requests():
     for r in bad + good:
         s.add(r)
     step(s)
-    adapters.failed["ns/bad"] = "corrupted safetensors"
+    adapters.failed["ns/bad"] = AdapterFailure("corrupted safetensors", retryable=False)
     failed = []
     while s.has_work():
         failed += step(s).failed
     assert sorted(r.request_id for r, _ in failed) == sorted(r.request_id for r in bad)
-    assert all(msg == "corrupted safetensors" for _, msg in failed)
+    assert all(f == AdapterFailure("corrupted safetensors", retryable=False) for _, f in failed)
     assert all(r.finish_reason is FinishReason.ERROR for r in bad)
     assert all(r.finish_reason is FinishReason.LENGTH and len(r.output_token_ids) == 8 for r in good)
     assert s.kv.num_free_blocks == s.kv.num_blocks
+
+
+def test_retryable_failures_fail_the_queue_only_once_they_outlast_the_bound(monkeypatch):
+    """S3 down: the queue waits while loads are retried (a blip fails nobody), and fails, saying
+    why and that it may be retried, once the failures have lasted ADAPTER_RETRY_S."""
+    clock = [0.0]
+    monkeypatch.setattr("lorafleet.engine.scheduler.time.monotonic", lambda: clock[0])
+    adapters = FakeAdapters()
+    s = make(adapters, slots=2)
+    down = AdapterFailure("adapter ns/far (version v1): cannot reach S3; retry when S3 is back", True)
+    blip, first = req("ns/blip"), req("ns/far")
+    s.add(blip)
+    s.add(first)
+    adapters.failed = {"ns/blip": down, "ns/far": down}
+    step(s)
+    clock[0] = 10.0
+    second = req("ns/far")
+    s.add(second)
+    adapters.failed = {}  # retries are loading: still the same outage
+    step(s)
+    adapters.finish_load("ns/blip")
+    clock[0] = ADAPTER_RETRY_S - 1
+    adapters.failed["ns/far"] = down
+    assert not step(s).failed and blip.output_token_ids and s.num_waiting == 2
+    clock[0] = ADAPTER_RETRY_S
+    failed = step(s).failed
+    assert [r for r, _ in failed] == [first, second] and first.finish_reason is FinishReason.ERROR
+    assert failed[0][1] == AdapterFailure(f"{down.message} (still failing after 30 s; retry later)", True)
+    third = req("ns/far")  # a new wait: it gets its own ADAPTER_RETRY_S of retries
+    s.add(third)
+    clock[0] += 1
+    assert not step(s).failed and s.num_waiting == 1
 
 
 def test_prefetch_starts_loads_before_an_adapters_turn():

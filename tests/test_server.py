@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import threading
 
 import aiohttp
 import openai
@@ -292,6 +293,32 @@ async def test_client_disconnect_mid_stream_frees_every_kv_block(server):
         assert (await post(s, f"{server.url}/v1/completions", M | {"prompt": "a", "max_tokens": 2}))[0] == 200
 
 
+async def test_an_engine_crash_fails_queued_requests_at_once(start_server, tiny_llm, monkeypatch):
+    """A request still queued for the engine thread when it crashes gets a 503 now, not a 504 when
+    its timeout runs out."""
+    in_step, crash = threading.Event(), threading.Event()
+
+    def crashing_step() -> None:
+        in_step.set()
+        crash.wait(10)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tiny_llm, "step", crashing_step)
+    srv = await start_server()
+    body = M | {"prompt": "a", "max_tokens": 2}
+    async with aiohttp.ClientSession() as s:
+        running = asyncio.create_task(post(s, f"{srv.url}/v1/completions", body))
+        assert await asyncio.to_thread(in_step.wait, 10)
+        queued = asyncio.create_task(post(s, f"{srv.url}/v1/completions", body))
+        while srv.app[STATE].inflight < 2:  # then its submit waits in the queue behind the step
+            await asyncio.sleep(0.01)
+        crash.set()
+        for task in (running, queued):
+            status, err = await asyncio.wait_for(task, 10)
+            assert status == 503 and "engine loop crashed: RuntimeError('boom')" in err["error"]["message"]
+        assert (await post(s, f"{srv.url}/v1/completions", body))[0] == 503
+
+
 async def test_drain_refuses_new_work_and_lets_streams_finish(start_server):
     srv = await start_server(gated=True)
     body = M | {"prompt": "The quick brown", "stream": True} | LONG | {"max_tokens": 8}
@@ -381,16 +408,18 @@ def value(families, name, **labels):
     return next(s.value for s in samples if labels.items() <= s.labels.items())
 
 
-async def scrape_until(session: aiohttp.ClientSession, url: str, running: int) -> dict:
-    """Scrape until vllm:num_requests_running shows `running`: the engine thread publishes its
-    counts just after it hands out a step's tokens, so a scrape can briefly see the step before."""
+async def scrape_until(
+    session: aiohttp.ClientSession, url: str, expected: float, name: str = "vllm:num_requests_running"
+) -> dict:
+    """Scrape until `name` shows `expected`: the engine thread publishes its counts just after it
+    hands out a step's tokens, so a scrape can briefly see the step before."""
     for _ in range(200):
         async with session.get(f"{url}/metrics") as r:
             families = {f.name: f for f in text_string_to_metric_families(await r.text())}
-        if value(families, "vllm:num_requests_running") == running:
+        if value(families, name) == expected:
             return families
         await asyncio.sleep(0.01)
-    raise AssertionError(f"vllm:num_requests_running never reached {running}")
+    raise AssertionError(f"{name} never reached {expected}")
 
 
 async def test_metrics_expose_the_inference_gateway_gauges(start_server):
@@ -400,12 +429,12 @@ async def test_metrics_expose_the_inference_gateway_gauges(start_server):
         srv.gate.allow(1)
         resp = await s.post(f"{srv.url}/v1/completions", json=body)
         assert resp.status == 200
-        busy = await scrape_until(s, srv.url, running=1)
+        busy = await scrape_until(s, srv.url, 1)
         srv.gate.open()
         await sse_events(resp)
         resp.release()
         await post(s, f"{srv.url}/v1/completions", M | {"prompt": "a", "max_tokens": 3})
-        idle = await scrape_until(s, srv.url, running=0)
+        idle = await scrape_until(s, srv.url, 0)
 
     assert value(busy, "vllm:num_requests_waiting") == 0
     assert 0 < value(busy, "vllm:kv_cache_usage_perc") <= 1
@@ -423,3 +452,38 @@ async def test_metrics_expose_the_inference_gateway_gauges(start_server):
     assert (value(busy, "lorafleet_adapters_active"), value(idle, "lorafleet_adapters_active")) == (1, 0)
     assert value(idle, "lorafleet_adapters_resident", tier="gpu") >= 1
     assert value(busy, "lorafleet_adapters_waiting") == value(idle, "lorafleet_adapters_waiting") == 0
+
+
+async def test_metrics_count_requests_that_time_out_fail_or_lose_their_client(start_server, tiny_llm):
+    """Tokens are counted as they come and prompts once per request, and a request that ends
+    without finishing is in the latency histograms once: throughput and tail latency include the
+    slowest requests."""
+    srv = await start_server(ServerConfig(served_model_name=MODEL_NAME, request_timeout_s=0.5), gated=True)
+    stream = {"inputs": "a", "parameters": {"max_new_tokens": 50}}
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, f"{srv.url}/v1/completions", M | {"prompt": "a"} | LONG))[0] == 504
+        srv.gate.allow(1)  # the step it waited for; then its abort lands
+        while srv.llm.requests:
+            await asyncio.sleep(0.01)
+        srv.gate.allow(1)  # one token, then the clock runs out
+        async with s.post(f"{srv.url}/generate_stream", json=stream) as r:
+            token, error = [json.loads(e) for e in await sse_events(r)]
+        assert "token" in token and error["error"]["code"] == "request_timeout"
+        srv.gate.allow(1)
+        while srv.llm.requests:
+            await asyncio.sleep(0.01)
+        srv.gate.allow(2)  # two tokens, then the client goes away
+        resp = await s.post(f"{srv.url}/generate_stream", json=stream)
+        await resp.content.readuntil(b"\n\n")
+        await resp.content.readuntil(b"\n\n")
+        resp.close()
+        e2e = "lorafleet_e2e_request_latency_seconds_count"
+        await scrape_until(s, srv.url, 3, e2e)  # measured when its handler is cancelled
+        srv.gate.open()
+        assert (await post(s, f"{srv.url}/v1/completions", {"model": "acme/broken", "prompt": "x"}))[0] == 422
+        families = await scrape_until(s, srv.url, 4, e2e)
+    prompts = 3 * len(tiny_llm.tokenizer.encode("a")) + len(tiny_llm.tokenizer.encode("x"))
+    assert value(families, "lorafleet_prompt_tokens_total") == prompts
+    assert value(families, "lorafleet_generation_tokens_total") == 3
+    assert value(families, "lorafleet_time_to_first_token_seconds_count") == 2
+    assert value(families, "lorafleet_time_per_output_token_seconds_count") == 1
