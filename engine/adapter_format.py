@@ -36,7 +36,9 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 DEFAULT_MAX_BYTES = 1 << 30  # a rank-64 adapter on every projection of a 7B model is ~640 MB in fp32
-REGEX_SECONDS = 0.5  # all of one config regex's matches against the module names
+# All of one config regex's matches against the module names. A sane pattern takes microseconds
+# per name; the margin is for a loader thread at low priority on a saturated CPU (the refusal is final).
+REGEX_SECONDS = 5.0
 HEADER_PROBE_BYTES = 64 << 10  # one ranged read covers the header of an adapter with ~400 tensors
 MAX_HEADER_BYTES = 8 << 20  # a full-coverage adapter of an 80-layer model has a header of ~150 KB
 _TENSOR_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<ab>lora_A|lora_B)\.weight")

@@ -251,6 +251,10 @@ class AdapterStore:
             for adapter_id in {key[0] for key in (*self._cpu, *self._loads)}:
                 if self._refs.get(adapter_id, 0) == 0:
                     self._drop_stale(adapter_id)
+            # A refusal for want of room beside the pinned adapters holds only while they stay pinned.
+            for key, load in list(self._loads.items()):
+                if load.done.is_set() and load.error is not None and load.error.reason == "CpuTierFull":
+                    del self._loads[key]
             cold = [k for k, e in registry.adapters.items() if e.pinned and (k, e.version) not in self._cpu]
         for adapter_id in cold:  # pinned ones already in memory are not requested: no false CPU hits
             self.request(adapter_id)

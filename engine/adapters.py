@@ -33,7 +33,9 @@ from .scheduler import AdapterFailure
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 2.0
-RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # backoff between loads of an adapter whose source is down
+# Backoff between loads of an adapter whose source is down: capped well below the scheduler's
+# ADAPTER_RETRY_S, so that a source back within that window is found before requests fail.
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
 
 
 class RegistrySource(Protocol):

@@ -142,9 +142,12 @@ class AsyncEngine:
                     cmd = self._commands.get_nowait()
                     if isinstance(cmd, _Submit):
                         self._resolve(cmd.admitted, EngineDead(reason))
-            for rid in list(self._sinks):
-                self._send(self._sinks.pop(rid), EngineDead(reason))
-                self.engine.abort(rid)
+            sinks, self._sinks = self._sinks, {}
+            for sub in sinks.values():  # every open request hears first: an abort below may fail
+                self._send(sub, EngineDead(reason))
+            for rid in sinks:
+                with contextlib.suppress(Exception):  # after a crash the engine's state is suspect
+                    self.engine.abort(rid)
 
     def _drain_commands(self, wait: float | None) -> bool:
         """Apply queued submits and aborts, first waiting up to `wait` seconds for one (None:

@@ -63,7 +63,7 @@ class Operator:
         self.config, self.kube = config, kube
         self.writer = RegistryWriter(self._load_registry, self._publish_registry, config.writer)
         self._published: dict[tuple[str, str], bytes] = {}  # ConfigMap (ns, name) -> shard bytes last written
-        self._s3_clients: dict[tuple[Any, ...], S3Client] = {}
+        self._s3_clients: dict[tuple[Any, ...], tuple[tuple[str, ...], S3Client]] = {}  # -> (creds, client)
         self._hf_configs: dict[tuple[str | None, str], dict[str, Any]] = {}  # (endpoint, uri) -> config.json
         self._secrets: dict[tuple[str, str], tuple[float, tuple[str, ...]]] = {}  # -> (expiry, key pair)
         self._secret_locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -121,15 +121,16 @@ class Operator:
         self, endpoint: str | None, region: str | None, namespace: str, secret: str | None
     ) -> S3Client:
         creds = await self._credentials(namespace, secret) if secret else ()
-        key = (endpoint, region, creds)
-        if key not in self._s3_clients:
+        # One client per Secret, replaced when its credentials change (STS ones rotate hourly).
+        key = (endpoint, region, namespace if secret else None, secret)
+        cached = self._s3_clients.get(key)
+        if cached is None or cached[0] != creds:
             import boto3
 
             session = boto3.Session(*creds) if creds else boto3.Session()
-            self._s3_clients[key] = make_s3_client(
-                endpoint, region, max_attempts=2, read_timeout_s=10, session=session
-            )
-        return self._s3_clients[key]
+            client = make_s3_client(endpoint, region, max_attempts=2, read_timeout_s=10, session=session)
+            self._s3_clients[key] = cached = (creds, client)
+        return cached[1]
 
     async def _credentials(self, namespace: str, secret: str) -> tuple[str, ...]:
         """The key pair (and session token, if any) in a Secret, read at most once per
@@ -221,10 +222,10 @@ class Operator:
             spec_error=spec_error,
         )
 
-    async def ensure_children(self, body: Mapping[str, Any]) -> None:
-        """Re-create what was deleted behind the operator's back: a child, or the registry's
-        first ConfigMap (the pods do not start without it)."""
-        if body["metadata"].get("deletionTimestamp"):
+    async def ensure_children(self, body: Mapping[str, Any] | None) -> None:
+        """Re-create what was deleted behind the operator's back: a child, or a registry
+        ConfigMap (the pods do not start without the first; later ones hold adapters too)."""
+        if body is None or body["metadata"].get("deletionTimestamp"):
             return
         try:
             bm = parse_basemodel(body)
@@ -239,14 +240,19 @@ class Operator:
             if found[child["kind"]] is None:
                 logger.info("re-creating %s %s/%s", child["kind"], bm.namespace, bm.name)
                 await self.kube.apply(child)
-        key, registry = (bm.namespace, bm.name), registry_configmap_name(bm, 0)
-        if (
-            self.writer.snapshot(key) is not None
-            and await self.kube.get("ConfigMap", bm.namespace, registry) is None
-        ):
-            logger.info("re-creating ConfigMap %s/%s", bm.namespace, registry)
-            self._published.pop((bm.namespace, registry), None)
-            await self.writer.republish(key)
+        if self.writer.snapshot((bm.namespace, bm.name)) is None:
+            return  # not loaded yet: its first write creates the ConfigMaps
+        missing = []
+        for name in (registry_configmap_name(bm, i) for i in range(MAX_REGISTRY_SHARDS)):
+            if (bm.namespace, name) in self._published and await self.kube.get(
+                "ConfigMap", bm.namespace, name
+            ) is None:
+                missing.append(name)
+        if missing:
+            logger.info("re-creating ConfigMaps %s in %s", ", ".join(missing), bm.namespace)
+            for name in missing:
+                self._published.pop((bm.namespace, name), None)
+            await self.writer.republish((bm.namespace, bm.name))
 
     async def mirror_status(self, body: Mapping[str, Any], adapters: Mapping[str, int]) -> None:
         """Refresh a BaseModel's status from its Deployment; write only if something changed."""
@@ -517,8 +523,8 @@ def build_registry(
             body["metadata"].get("labels", {}).get("lorafleet.io/basemodel", ""),
         )
         owner = bm_body(basemodels, key)
-        if owner is not None and type == "DELETED":
-            await op().ensure_children(owner)
+        if owner is not None and type == "DELETED":  # read afresh: the index may predate its deletion
+            await op().ensure_children(await op().kube.get("BaseModel", *key))
         elif owner is not None:
             await op().mirror_status(owner, _adapter_counts(adapters.get(key)))
 

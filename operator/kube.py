@@ -66,6 +66,7 @@ class KubeClient:
         self.server = info.server.rstrip("/")
         self._relogin = relogin  # on a 401: credentials again (tokens expire: exec plugins, rotation)
         self._token_header = _token_header(info)
+        self._relogin_lock = asyncio.Lock()
         headers = {"Accept": "application/json"}
         auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
         ssl_ctx: ssl.SSLContext | bool = True
@@ -115,10 +116,8 @@ class KubeClient:
                 method, self.server + path, json=body, headers=headers, params=params
             ) as r:
                 if r.status == 401 and attempt == 0 and self._relogin is not None:
-                    info = await asyncio.to_thread(self._relogin)
-                    if info is not None:
-                        self._token_header = _token_header(info)
-                        continue
+                    await self._sign_in_again(headers)
+                    continue
                 if r.status >= 400:
                     raise ApiError(r.status, (await r.text())[:500])
                 if r.content_type != "application/json":
@@ -126,6 +125,16 @@ class KubeClient:
                 data = await r.json()
                 return data if isinstance(data, dict) else {}
         raise AssertionError("unreachable")  # the second attempt returns or raises
+
+    async def _sign_in_again(self, rejected: Mapping[str, str]) -> None:
+        """New credentials after a 401, once for all the requests that met it at the same time."""
+        async with self._relogin_lock:
+            if self._token_header.get("Authorization") != rejected.get("Authorization"):
+                return  # another request signed in again meanwhile
+            assert self._relogin is not None
+            info = await asyncio.to_thread(self._relogin)
+            if info is not None:
+                self._token_header = _token_header(info)
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None if it does not exist."""

@@ -248,6 +248,9 @@ def test_an_adapter_that_cannot_fit_beside_the_pinned_ones_evicts_nobody(tmp_pat
     status = store.wait("team/big", WAIT_S)
     assert status.state == "failed" and status.error.reason == "CpuTierFull" and not status.retryable
     assert store.status("team/warm").state == "ready" and store.stats().evictions["cpu"] == 0
+    # Unpinned by the admin: the refusal is lifted, and the next request loads it.
+    store.update_registry(local_adapters(tmp_path, specs))
+    load(store, "team/big")
 
 
 def test_a_pinned_adapter_whose_preload_failed_is_retried_without_a_request(tmp_path, open_store):

@@ -253,6 +253,11 @@ def test_invalid_manifests_are_rejected_for_the_stated_reason(why, kind, field, 
     assert set(found) == {(path, keyword)}, why
 
 
+@pytest.mark.parametrize("prefix", ["s3://adapters/{namespace}/", "s3://team-{namespace}/", "s3://bkt"])
+def test_adapter_uri_prefixes_may_place_the_namespace_in_the_bucket_or_the_path(prefix):
+    assert errors(_set(_basemodel(), "spec.adapterURIPrefix", prefix)) == []
+
+
 @pytest.mark.parametrize("quantity", ["512Ki", "10Gi", "500M", "2k", "1024"])
 def test_kubernetes_quantities_are_accepted(quantity):
     for field in ("spec.adapterCache.cpuBytes", "spec.adapterCache.diskBytes", "spec.resources.memory"):

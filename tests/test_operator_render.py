@@ -554,14 +554,19 @@ async def test_the_api_client_signs_in_again_when_its_token_expires():
     app.router.add_get("/api/v1/namespaces/ns/configmaps/x", configmap)
     async with TestServer(app, host="127.0.0.1") as server:
         url = str(server.make_url("")).rstrip("/")
-        logins = iter(["fresh"])
-        client = KubeClient(
-            kopf.ConnectionInfo(server=url, token="expired"),
-            relogin=lambda: kopf.ConnectionInfo(server=url, token=next(logins)),
-        )
+        logins: list[str] = []
+
+        def relogin() -> kopf.ConnectionInfo:
+            logins.append("fresh")
+            return kopf.ConnectionInfo(server=url, token="fresh")
+
+        client = KubeClient(kopf.ConnectionInfo(server=url, token="expired"), relogin=relogin)
         try:
-            assert (await client.get("ConfigMap", "ns", "x"))["metadata"]["name"] == "x"
-            assert (await client.get("ConfigMap", "ns", "x"))["metadata"]["name"] == "x"
+            # Requests that meet the 401 together sign in again once (exec plugins are slow).
+            both = await asyncio.gather(*(client.get("ConfigMap", "ns", "x") for _ in range(2)))
+            assert [o["metadata"]["name"] for o in both] == ["x", "x"]  # type: ignore[index]
+            assert (await client.get("ConfigMap", "ns", "x"))["metadata"]["name"] == "x"  # type: ignore[index]
         finally:
             await client.close()
-    assert seen == ["Bearer expired", "Bearer fresh", "Bearer fresh"]
+    assert logins == ["fresh"]
+    assert seen == ["Bearer expired"] * 2 + ["Bearer fresh"] * 3

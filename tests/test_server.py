@@ -458,7 +458,7 @@ async def test_metrics_count_requests_that_time_out_fail_or_lose_their_client(st
     """Tokens are counted as they come and prompts once per request, and a request that ends
     without finishing is in the latency histograms once: throughput and tail latency include the
     slowest requests."""
-    srv = await start_server(ServerConfig(served_model_name=MODEL_NAME, request_timeout_s=0.5), gated=True)
+    srv = await start_server(ServerConfig(served_model_name=MODEL_NAME, request_timeout_s=2.0), gated=True)
     stream = {"inputs": "a", "parameters": {"max_new_tokens": 50}}
     async with aiohttp.ClientSession() as s:
         assert (await post(s, f"{srv.url}/v1/completions", M | {"prompt": "a"} | LONG))[0] == 504
