@@ -20,6 +20,7 @@ API_VERSION = f"{API_GROUP}/v1alpha1"
 MANAGER = "lorafleet-operator"  # the field manager of server-side apply, and managed-by label
 HTTP_PORT = 8000  # engine HTTP: OpenAI API, /generate, /health, /ready and /metrics
 REGISTRY_DIR = "/etc/lorafleet/registry"
+API_KEYS_DIR = "/etc/lorafleet/api-keys"
 ADAPTER_CACHE_DIR = "/var/cache/lorafleet/adapters"
 MODEL_DIR = "/models"
 MODEL_CACHE_DIR = "/var/cache/lorafleet/models"  # the image's LORAFLEET_CACHE_DIR
@@ -102,6 +103,8 @@ def engine_args(bm: BaseModel) -> list[str]:
         "--drain-grace-s",
         str(bm.drain_seconds),
     ]
+    if bm.api_keys_secret is not None:
+        args += ["--api-keys-file", f"{API_KEYS_DIR}/keys"]
     return args + list(bm.extra_args)
 
 
@@ -155,6 +158,12 @@ def _volumes(bm: BaseModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     elif bm.source == "s3":  # downloaded once per pod, not again after every container restart
         volumes.append({"name": "model-cache", "emptyDir": {}})
         mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR})
+    if bm.api_keys_secret is not None:
+        name, key = bm.api_keys_secret
+        volumes.append(
+            {"name": "api-keys", "secret": {"secretName": name, "items": [{"key": key, "path": "keys"}]}}
+        )
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     return volumes, mounts
 
 
@@ -197,6 +206,8 @@ def render_deployment(bm: BaseModel) -> dict[str, Any]:
         ("nodeSelector", bm.node_selector),
         ("tolerations", bm.tolerations),
         ("affinity", bm.affinity),
+        ("imagePullSecrets", [{"name": n} for n in bm.image_pull_secrets]),
+        ("serviceAccountName", bm.service_account),
     ):
         if value:
             pod_spec[key] = value

@@ -97,6 +97,9 @@ class BaseModel:
     service_type: str = "ClusterIP"
     service_port: int = 80
     drain_seconds: int = 30
+    image_pull_secrets: tuple[str, ...] = ()
+    service_account: str | None = None
+    api_keys_secret: tuple[str, str] | None = None  # (Secret name, key): the engine's --api-keys-file
 
 
 def parse_basemodel(body: Mapping[str, Any]) -> BaseModel:
@@ -186,6 +189,11 @@ def parse_basemodel(body: Mapping[str, Any]) -> BaseModel:
             service_type=service.get("type", "ClusterIP"),
             service_port=int(service.get("port", 80)),
             drain_seconds=int(spec.get("drainSeconds", 30)),
+            image_pull_secrets=tuple(str(ref["name"]) for ref in spec.get("imagePullSecrets") or ()),
+            service_account=spec.get("serviceAccountName"),
+            api_keys_secret=(str(keys["name"]), str(keys.get("key", "api-keys")))
+            if (keys := spec.get("apiKeysSecret"))
+            else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, SpecError):

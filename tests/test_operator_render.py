@@ -74,7 +74,12 @@ def adapter_body(namespace: str = "models", **spec: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "spec", [{}, {"model": {"source": "s3", "uri": "s3://b/models/smol/"}, "s3": {"region": "eu-west-1"}}]
+    "spec",
+    [
+        {},
+        {"model": {"source": "s3", "uri": "s3://b/models/smol/"}, "s3": {"region": "eu-west-1"}},
+        {"apiKeysSecret": {"name": "engine-keys"}},
+    ],
 )
 def test_basemodel_defaults_equal_the_crds(spec):
     body = bm_body(**spec)
@@ -570,3 +575,30 @@ async def test_the_api_client_signs_in_again_when_its_token_expires():
             await client.close()
     assert logins == ["fresh"]
     assert seen == ["Bearer expired"] * 2 + ["Bearer fresh"] * 3
+
+
+def test_api_keys_pull_secrets_and_service_account_reach_the_engine_pods(tmp_path):
+    """Engine authentication (namespace-scoped keys) is switched on through the BaseModel: the
+    Secret is mounted where the flag points, in the format the engine parses."""
+    from lorafleet.engine.auth import ApiKeys
+
+    spec = {"apiKeysSecret": {"name": "engine-keys"}, "imagePullSecrets": [{"name": "registry"}],
+            "serviceAccountName": "lorafleet-engine"}  # fmt: skip
+    bm = parse_basemodel(with_crd_defaults(SCHEMAS["BaseModel"], bm_body(**spec)))
+    pod = render_deployment(bm)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = build_parser().parse_args(container["args"])
+    volume = {v["name"]: v for v in pod["volumes"]}["api-keys"]["secret"]
+    assert volume == {"secretName": "engine-keys", "items": [{"key": "api-keys", "path": "keys"}]}
+    mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["api-keys"]
+    assert str(args.api_keys_file) == f"{mount}/keys"
+    (tmp_path / "keys").write_text("tenant-a-key-0123456789 team-a\n")  # what the Secret would hold
+    assert ApiKeys.parse((tmp_path / "keys").read_text(), "keys").enabled
+    assert (
+        pod["imagePullSecrets"] == [{"name": "registry"}] and pod["serviceAccountName"] == "lorafleet-engine"
+    )
+    plain = render_deployment(parse_basemodel(bm_body()))["spec"]["template"]["spec"]
+    assert (
+        "imagePullSecrets" not in plain
+        and build_parser().parse_args(plain["containers"][0]["args"]).api_keys_file is None
+    )
