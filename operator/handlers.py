@@ -43,6 +43,7 @@ from .validation import (
     S3Unavailable,
     base_model_spec,
     check_against_basemodel,
+    pinning_allowed,
     read_hf_config,
     validate_in_s3,
 )
@@ -331,7 +332,8 @@ class Operator:
         except (S3Unavailable, ApiError) as e:
             raise kopf.TemporaryError(f"cannot validate yet: {e}", delay=self.config.retry_delay_s) from e
         m = checked.manifest
-        entry = RegistryEntry(adapter.uri, checked.version, m.rank, m.bytes, adapter.pinned, m.target_modules)
+        pinned = adapter.pinned and pinning_allowed(adapter, bm, labels)
+        entry = RegistryEntry(adapter.uri, checked.version, m.rank, m.bytes, pinned, m.target_modules)
         try:
             await self.writer.put(key, adapter.id, entry, base_model=bm.served_name)
         except Exception as e:
@@ -339,10 +341,13 @@ class Operator:
                 f"publishing to the registry: {e}", delay=self.config.retry_delay_s
             ) from e
         summary = f"rank {m.rank} on {', '.join(m.target_modules)}, {m.bytes} bytes"
+        published = f"in the registry of {where}"
+        if adapter.pinned and not pinned:
+            published += f"; pinned is ignored: {where} lets only the namespaces its spec.pinningNamespaceSelector matches pin"
         return status(
             "Ready",
             Condition("Validated", True, "Valid", summary),
-            Condition("Ready", True, "Published", f"in the registry of {where}"),
+            Condition("Ready", True, "Published", published),
             version=checked.version,
             rank=m.rank,
             targetModules=list(m.target_modules),

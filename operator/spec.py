@@ -94,6 +94,7 @@ class BaseModel:
     # None: only the BaseModel's own namespace; {} allows every namespace (label selector rules).
     adapter_namespace_selector: dict[str, Any] | None = None
     adapter_uri_prefix: str | None = None  # "{namespace}" stands for the adapter's namespace
+    pinning_namespace_selector: dict[str, Any] | None = None  # None: only the BaseModel's namespace
     service_type: str = "ClusterIP"
     service_port: int = 80
     drain_seconds: int = 30
@@ -186,6 +187,7 @@ def parse_basemodel(body: Mapping[str, Any]) -> BaseModel:
             max_lora_rank=int(spec.get("maxLoraRank", 64)),
             adapter_namespace_selector=spec.get("adapterNamespaceSelector"),
             adapter_uri_prefix=spec.get("adapterURIPrefix"),
+            pinning_namespace_selector=spec.get("pinningNamespaceSelector"),
             service_type=service.get("type", "ClusterIP"),
             service_port=int(service.get("port", 80)),
             drain_seconds=int(spec.get("drainSeconds", 30)),

@@ -71,6 +71,17 @@ def check_against_basemodel(
         )
 
 
+def pinning_allowed(adapter: LoRAAdapter, bm: BaseModel, namespace_labels: Mapping[str, str] | None) -> bool:
+    """Whether the adapter's `pinned` is honoured: always in the BaseModel's namespace, elsewhere
+    only where spec.pinningNamespaceSelector matches (pins never leave the CPU tier)."""
+    if adapter.namespace == bm.namespace:
+        return True
+    selector = bm.pinning_namespace_selector
+    return (
+        selector is not None and namespace_labels is not None and selector_matches(selector, namespace_labels)
+    )
+
+
 def base_model_spec(bm: BaseModel, hf_config: Mapping[str, Any] | None = None) -> BaseModelSpec:
     """What adapters are checked against: the spec's architecture, the model's config.json, or
     the built-in model's known shapes."""

@@ -184,7 +184,19 @@ async def test_adapters_publish_fail_and_clean_up(kube, operator, weed, s3_bucke
     await kube.patch(
         "LoRAAdapter", "tenant", "foreign", {"metadata": {"generation": 2}, "spec": {"pinned": True}}
     )
-    await kube.wait_for("LoRAAdapter", "tenant", "foreign", phase("Ready"))
+    foreign = await kube.wait_for("LoRAAdapter", "tenant", "foreign", phase("Ready"))
+    # A tenant's pin is ignored (it would hold CPU memory for ever) until the admin allows it.
+    assert not (await published(kube)).adapters["tenant/foreign"].pinned
+    assert "pinned is ignored" in condition(foreign, "Ready")["message"]
+    await kube.patch(
+        "BaseModel", NS, "smol", {"spec": {"pinningNamespaceSelector": {"matchLabels": {"team": "x"}}}}
+    )
+    await kube.patch(
+        "LoRAAdapter", "tenant", "foreign", {"metadata": {"generation": 3}, "spec": {"description": "x"}}
+    )
+    await kube.wait_for(
+        "LoRAAdapter", "tenant", "foreign", lambda o: o["status"].get("observedGeneration") == 3
+    )
     assert (await published(kube)).adapters["tenant/foreign"].pinned
 
     # Deleting an adapter removes its entry (the finalizer holds the object until then).

@@ -182,6 +182,18 @@ def test_adapter_uri_prefix_keeps_each_namespace_in_its_own_folder(namespace, ur
     check_against_basemodel(adapter, parse_basemodel(bm_body(adapterNamespaceSelector={})), {})  # no policy
 
 
+def test_only_admitted_namespaces_the_admin_chose_may_pin():
+    from lorafleet.operator.validation import pinning_allowed
+
+    own, foreign = parse_adapter(adapter_body()), parse_adapter(adapter_body("team-a"))
+    shared = parse_basemodel(bm_body(adapterNamespaceSelector={}))
+    assert pinning_allowed(own, shared, None) and not pinning_allowed(foreign, shared, {"team": "a"})
+    pins = parse_basemodel(
+        bm_body(adapterNamespaceSelector={}, pinningNamespaceSelector={"matchLabels": {"team": "a"}})
+    )
+    assert pinning_allowed(foreign, pins, {"team": "a"}) and not pinning_allowed(foreign, pins, {"team": "b"})
+
+
 @pytest.mark.parametrize(
     "selector, labels, matches",
     [
