@@ -47,6 +47,17 @@ class Detokenizer:
         return new, False
 
     def flush(self) -> str:
-        """The text not yet returned (held back for stop strings); call when the request ends."""
+        """The text not yet returned: held back for stop strings, or the tokens of a character
+        still incomplete when the output ended (decoded with U+FFFD, as decoding the whole output
+        would; complete characters in the same tokens are kept). Call when the request ends."""
+        if self.read_offset < len(self.ids):
+            decode = self.tokenizer.decode
+            prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+            full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+            self.prefix_offset = self.read_offset = len(self.ids)
+            self.text += full[len(prefix) :]
+            start = max(0, self.emitted - self._max_stop)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            self.text = self.text[: min(hits)] if hits else self.text
         new, self.emitted = self.text[self.emitted :], len(self.text)
         return new

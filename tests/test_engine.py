@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafleet.engine.async_engine import AsyncEngine
 from lorafleet.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -247,3 +247,21 @@ async def test_async_streams_and_random_cancels_free_every_block(tiny_llama_dir)
     await aeng.stop()
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
     assert not eng.requests and not eng.has_unfinished()
+
+
+def test_output_ending_inside_a_multibyte_character_keeps_its_text(tiny_llama_dir):
+    """A token can end in the first bytes of a character: its text waits for the next token. If
+    the output ends there, the text decoded so far (complete characters included) is not lost."""
+    from lorafleet.engine.detokenizer import Detokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    partial = next(
+        i for i in range(tok.vocab_size)
+        if tok.decode([i]).endswith("\ufffd") and tok.decode([i]).rstrip("\ufffd").strip()
+    )  # fmt: skip
+    prompt = tok.encode("a")
+    detok = Detokenizer(tok, prompt)
+    first = tok.encode(" b")[-1]
+    text = detok.add(first)[0] + detok.add(partial)[0] + detok.flush()
+    assert text == tok.decode([*prompt[-4:], first, partial])[len(tok.decode(prompt[-4:])) :]
+    assert text.rstrip("\ufffd").endswith(tok.decode([partial]).rstrip("\ufffd"))
