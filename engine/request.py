@@ -20,7 +20,9 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or below GREEDY_BELOW) means greedy
     top_k: int = 0  # 0 disables
     top_p: float = 1.0
-    seed: int | None = None  # per-request seed: the same seed gives the same tokens in any batch
+    # Per-request seed: the same tokens in any batch in float32 (bfloat16 logits round differently
+    # with the batch's shape).
+    seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings; the matched text is not returned
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
