@@ -87,15 +87,13 @@ class ServedAdapters:
         adapter_id = key.split("@", 1)[0]
         now = time.monotonic()
         try:
-            state = self.store.status(adapter_id).state
-            if state == "failed":  # retryable (S3 down): back off instead of retrying every step
+            # Retryable failures (S3 down) back off instead of retrying every step; get() resets
+            # the backoff once the weights are in (not a retry in flight: it may fail again).
+            if self.store.status(adapter_id).state == "failed":
                 if now < self._retry_at.get(key, 0.0):
                     return
                 delay = min(2 * self._retry_delay.get(key, RETRY_MIN_S / 2), RETRY_MAX_S)
                 self._retry_delay[key], self._retry_at[key] = delay, now + delay
-            elif state == "ready":  # (not while a retry is loading: its failure must back off more)
-                self._retry_delay.pop(key, None)
-                self._retry_at.pop(key, None)
             self.store.request(adapter_id)
         except (InvalidAdapterName, UnknownAdapter):
             return  # unpublished while queued: error() reports it

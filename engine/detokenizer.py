@@ -24,20 +24,14 @@ class Detokenizer:
     def add(self, token: int) -> tuple[str, bool]:
         """Append a token; return the new text and whether a stop string ended the output."""
         self.ids.append(token)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        piece = self._pending()
+        if not piece or piece.endswith("\ufffd"):
             return "", False
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self.text += full[len(prefix) :]
+        self.text += piece
         safe = len(self.text)
         if self.stop:
-            # A stop string may straddle earlier text and this piece.
-            start = max(0, self.emitted - self._max_stop)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
+            if self._cut_at_stop():
                 return self.flush(), True
             # Hold back a tail that may still grow into a stop string.
             safe -= self._max_stop - 1
@@ -51,13 +45,24 @@ class Detokenizer:
         still incomplete when the output ended (decoded with U+FFFD, as decoding the whole output
         would; complete characters in the same tokens are kept). Call when the request ends."""
         if self.read_offset < len(self.ids):
-            decode = self.tokenizer.decode
-            prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-            full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+            self.text += self._pending()
             self.prefix_offset = self.read_offset = len(self.ids)
-            self.text += full[len(prefix) :]
-            start = max(0, self.emitted - self._max_stop)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            self.text = self.text[: min(hits)] if hits else self.text
+            self._cut_at_stop()
         new, self.emitted = self.text[self.emitted :], len(self.text)
         return new
+
+    def _pending(self) -> str:
+        """The text of the tokens past `read_offset`, decoded after a few before them."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        return full[len(prefix) :]
+
+    def _cut_at_stop(self) -> bool:
+        """End `text` before the first stop string, which may straddle text already returned and
+        the new piece; whether there was one."""
+        start = max(0, self.emitted - self._max_stop)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+        return bool(hits)

@@ -302,9 +302,9 @@ class Scheduler:
     def _rekey(self, old: str, new: str) -> None:
         """Move the requests waiting for `old` to the back of `new`'s queue. A slot is only ever
         named after the version its weights are, so a later rollback cannot find stale weights."""
-        waiting = self.queues.pop(old)
-        self._turns.remove(old)
-        self._failing_since.pop(old, None)
+        waiting = list(self.queues[old])
+        self.queues[old].clear()
+        self._drop_if_empty(old)
         for req in waiting:
             req.adapter_id = new
             self.add(req)

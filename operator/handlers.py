@@ -75,8 +75,7 @@ class Operator:
         """The registry as the ConfigMaps hold it now. What was last written for this BaseModel is
         forgotten first: after a delete and re-create under the same name, or a ConfigMap deleted
         by hand, the same bytes must be written again."""
-        names = [f"{key[1]}-registry" if shard == 0 else f"{key[1]}-registry-{shard:03d}" for shard in
-                 range(MAX_REGISTRY_SHARDS)]  # fmt: skip
+        names = [registry_configmap_name(key[1], shard) for shard in range(MAX_REGISTRY_SHARDS)]
         for name in names:
             self._published.pop((key[0], name), None)
         parts = []
@@ -106,7 +105,7 @@ class Operator:
                 self._published[(bm.namespace, name)] = data
                 writes += 1
         for shard in range(len(configmaps), MAX_REGISTRY_SHARDS):  # fewer shards than before
-            name = registry_configmap_name(bm, shard)
+            name = registry_configmap_name(bm.name, shard)
             if self._published.pop((bm.namespace, name), None) is not None:
                 await self.kube.delete("ConfigMap", bm.namespace, name)
                 writes += 1
@@ -244,7 +243,7 @@ class Operator:
         if self.writer.snapshot((bm.namespace, bm.name)) is None:
             return  # not loaded yet: its first write creates the ConfigMaps
         missing = []
-        for name in (registry_configmap_name(bm, i) for i in range(MAX_REGISTRY_SHARDS)):
+        for name in (registry_configmap_name(bm.name, i) for i in range(MAX_REGISTRY_SHARDS)):
             if (bm.namespace, name) in self._published and await self.kube.get(
                 "ConfigMap", bm.namespace, name
             ) is None:

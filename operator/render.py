@@ -64,8 +64,8 @@ def _metadata(bm: BaseModel, name: str) -> dict[str, Any]:
     }
 
 
-def registry_configmap_name(bm: BaseModel, shard: int) -> str:
-    return f"{bm.name}-registry" if shard == 0 else f"{bm.name}-registry-{shard:03d}"
+def registry_configmap_name(basemodel_name: str, shard: int) -> str:
+    return f"{basemodel_name}-registry" if shard == 0 else f"{basemodel_name}-registry-{shard:03d}"
 
 
 def service_endpoint(bm: BaseModel) -> str:
@@ -128,7 +128,7 @@ def _env(bm: BaseModel) -> list[dict[str, Any]]:
 
 def _volumes(bm: BaseModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     shards = [
-        {"configMap": {"name": registry_configmap_name(bm, i), "optional": i > 0}}
+        {"configMap": {"name": registry_configmap_name(bm.name, i), "optional": i > 0}}
         for i in range(MAX_REGISTRY_SHARDS)
     ]
     if bm.disk_cache_claim:
@@ -270,7 +270,7 @@ def render_registry_configmaps(bm: BaseModel, shards: dict[str, bytes]) -> list[
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": _metadata(bm, registry_configmap_name(bm, i)),
+            "metadata": _metadata(bm, registry_configmap_name(bm.name, i)),
             "binaryData": {key: base64.b64encode(data).decode()},
         }
         for i, (key, data) in enumerate(sorted(shards.items()))

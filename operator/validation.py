@@ -60,10 +60,7 @@ def check_against_basemodel(
                 f"BaseModel {bm.namespace}/{bm.name} serves adapters of namespace {adapter.namespace!r} "
                 f"only from under {allowed}; {adapter.uri} is not",
             )
-    if adapter.namespace == bm.namespace:
-        return
-    selector = bm.adapter_namespace_selector
-    if selector is None or namespace_labels is None or not selector_matches(selector, namespace_labels):
+    if not _selects(bm.adapter_namespace_selector, adapter, bm, namespace_labels):
         raise AdapterError(
             "NamespaceNotAllowed",
             f"BaseModel {bm.namespace}/{bm.name} does not accept adapters from namespace {adapter.namespace!r}; "
@@ -74,12 +71,17 @@ def check_against_basemodel(
 def pinning_allowed(adapter: LoRAAdapter, bm: BaseModel, namespace_labels: Mapping[str, str] | None) -> bool:
     """Whether the adapter's `pinned` is honoured: always in the BaseModel's namespace, elsewhere
     only where spec.pinningNamespaceSelector matches (pins never leave the CPU tier)."""
+    return _selects(bm.pinning_namespace_selector, adapter, bm, namespace_labels)
+
+
+def _selects(
+    selector: Mapping[str, Any] | None, adapter: LoRAAdapter, bm: BaseModel, labels: Mapping[str, str] | None
+) -> bool:
+    """The BaseModel's own namespace always; another only when `selector` (absent: none) matches
+    its labels (None: unknown)."""
     if adapter.namespace == bm.namespace:
         return True
-    selector = bm.pinning_namespace_selector
-    return (
-        selector is not None and namespace_labels is not None and selector_matches(selector, namespace_labels)
-    )
+    return selector is not None and labels is not None and selector_matches(selector, labels)
 
 
 def base_model_spec(bm: BaseModel, hf_config: Mapping[str, Any] | None = None) -> BaseModelSpec:
