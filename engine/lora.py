@@ -42,15 +42,14 @@ class LoRABatch:
 
     sizes: list[int] = field(default_factory=list)
     parts: list[tuple[int, int]] = field(default_factory=list)
-    token_slot: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # per row; -1: none
+    items: np.ndarray = field(default_factory=lambda: sgmv.work_items([]))  # the kernel's work items
 
     def set(self, segments: list[tuple[int, int, int]], num_rows: int) -> None:
         """From (slot, start row, end row) segments, sorted and disjoint, over `num_rows` rows."""
         self.sizes, self.parts = [], []
-        self.token_slot = np.full(num_rows, -1, np.int64)
+        self.items = sgmv.work_items(segments)
         row = 0
         for slot, start, end in segments:
-            self.token_slot[start:end] = slot
             if start > row:
                 self.sizes.append(start - row)
             self.parts.append((len(self.sizes), slot))
@@ -78,9 +77,11 @@ class LoRALinear(nn.Module):
         self.base = base
         self.batch = batch
         device = base.weight.device  # dtype: the activations', so deltas stay in that precision
-        # A is stored [slot, rank, in] and B [slot, rank, out] so that a rank-r prefix is contiguous.
-        self.lora_a = torch.zeros(num_slots, max_rank, base.in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(num_slots, max_rank, base.out_features, dtype=dtype, device=device)
+        # A is stored [slot, rank, in] and B [slot, rank, out] so that a rank-r prefix is contiguous;
+        # the rows past a slot's rank stay zero (the kernel rounds the rank up over them).
+        rows = -(-max_rank // sgmv.RANK_MULTIPLE) * sgmv.RANK_MULTIPLE
+        self.lora_a = torch.zeros(num_slots, rows, base.in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(num_slots, rows, base.out_features, dtype=dtype, device=device)
         self.ranks = np.zeros(num_slots, np.int64)  # 0: the slot's adapter does not target this projection
         self.scales = np.zeros(num_slots, np.float32)
         # Per slot, views of A.T [in, r] and B [r, out] (None: no adapter), built once per load so
@@ -111,7 +112,7 @@ class LoRALinear(nn.Module):
         if not self.batch.parts:
             return y
         if sgmv.supported(x, self.lora_a):  # one kernel call for every segment
-            sgmv.add_lora(x, self.lora_a, self.lora_b, self.batch.token_slot, self.ranks, self.scales, y)
+            sgmv.add_lora(x, self.lora_a, self.lora_b, self.batch.items, self.ranks, self.scales, y)
             return y
         xs, ys = x.split(self.batch.sizes), y.split(self.batch.sizes)
         for i, slot in self.batch.parts:
