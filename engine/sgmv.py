@@ -13,9 +13,9 @@ counterpart of Punica's SGMV / S-LoRA's kernels: one call per projection for the
 parallel over work items of up to 4 tokens of one adapter. Each item is a register-blocked
 4 tokens x 4 ranks micro-kernel, so one load of A or B feeds four tokens' FMAs (a token at a
 time, every FMA needed its own load: 18.8 ms of LoRA per 128-token step with one adapter, now
-10.2 ms). Rank is
-rounded up to 4 over the zero rows. With 32 rank-16 adapters in a 128-token step it is then
-bound by reading the adapters' weights (625 MB a step for SmolLM2's 210 projections).
+10.2 ms). Rank is rounded up to 4 over the zero rows. With 32 rank-16 adapters in a 128-token
+step it is then bound by reading the adapters' weights (625 MB a step for SmolLM2's 210
+projections).
 
 float32 on CPU only (numpy has no bfloat16); LoRALinear falls back to its torch loop otherwise.
 Calls are serialized by a lock (numba's fallback threading layer aborts on concurrent launches)
