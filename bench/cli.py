@@ -220,6 +220,10 @@ def _add_lora(kinds: argparse._SubParsersAction) -> None:
         help="comma-separated subset of base,lorafleet_1,lorafleet_K...,peft_mixed (default: all)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="Zipf draws (default 0)")
+    p.add_argument(
+        "--rounds", type=int, default=3, metavar="R",
+        help="runs of base and each lorafleet_K, interleaved; each reports its median (default 3)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, required=True, metavar="PATH", help="where to write the results")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw tok/s, TTFT and TPOT per system")
     _add_model_options(p)
@@ -237,7 +241,7 @@ def _run_lora(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, rank=args.rank, zipf_exponent=args.zipf_exponent,
         max_loras=args.max_loras, peft_adapters=args.peft_adapters, cold_samples=args.cold_samples,
         dtype=args.dtype, prompts_path=args.prompts, seed=args.seed, matmul_seconds=args.matmul_seconds,
-        systems=args.systems or (), kv_cache_mib=args.kv_cache_mib,
+        systems=args.systems or (), kv_cache_mib=args.kv_cache_mib, rounds=args.rounds,
     )  # fmt: skip
     payload = run_lora(config)
     save_lora(payload, args.json, args.plot)

@@ -7,7 +7,10 @@ request generates exactly M tokens (EOS ignored), so that adapters, which change
 says, never change how much work a system does. Systems run one after another in this process
 on the same prompt token ids; model loading, engine construction and the loading of the
 workload's adapters into memory are not timed, and every system first runs an untimed warm-up.
-Cold loads are measured apart (lora_cold).
+The engine systems run in `rounds` interleaved rounds (base, lorafleet_1, ..., base, ...) and
+each reports its median round, so that the machine's drift over minutes (base alone has moved by
+±7% between runs here) lands on every system alike instead of on whichever ran at a bad moment;
+peft_mixed, the slowest by far, runs once. Cold loads are measured apart (lora_cold).
 """
 
 from __future__ import annotations
@@ -63,10 +66,13 @@ class LoRABenchConfig:
     prompts_path: Path | None = None
     seed: int = 0
     matmul_seconds: float = 1.0
+    rounds: int = 3  # runs of each engine system, interleaved; each reports its median round
 
     def __post_init__(self) -> None:
-        if self.requests < 1 or self.max_new_tokens < 1 or self.rank < 1 or self.max_loras < 1:
-            raise ValueError("--requests, --max-new-tokens, --rank and --max-loras must be at least 1")
+        if min(self.requests, self.max_new_tokens, self.rank, self.max_loras, self.rounds) < 1:
+            raise ValueError(
+                "--requests, --max-new-tokens, --rank, --max-loras and --rounds must be at least 1"
+            )
         if not self.adapter_counts or min(self.adapter_counts) < 1 or (self.peft_adapters or 1) < 1:
             raise ValueError("adapter counts must be at least 1")
         if self.peft_adapters is None:
@@ -168,19 +174,33 @@ class Bench:
         )
 
 
-def run_systems(bench: Bench, prompts: list[list[int]], pad: int) -> dict[str, SystemRun]:
+def run_systems(bench: Bench, prompts: list[list[int]], pad: int) -> dict[str, list[SystemRun]]:
+    """Every run of every system, in the workloads' order: the engine systems once per round,
+    interleaved, then peft_mixed once."""
     c = bench.config
-    runs: dict[str, SystemRun] = {}
-    for name, indices in c.workloads().items():
-        adapters = [None if i is None else adapter_id(i) for i in indices]
+    work = {
+        name: [None if i is None else adapter_id(i) for i in indices]
+        for name, indices in c.workloads().items()
+    }
+    runs: dict[str, list[SystemRun]] = {name: [] for name in work}
+    order = [name for name in work if name != "peft_mixed"] * c.rounds
+    order += ["peft_mixed"] if "peft_mixed" in work else []
+    for name in order:
+        adapters = work[name]
         log.info("%s: %d requests, %d new tokens each", name, len(prompts), c.max_new_tokens)
         if name == "peft_mixed":
-            runs[name] = run_peft(bench, prompts, [a for a in adapters if a is not None], pad)
+            run = run_peft(bench, prompts, [a for a in adapters if a is not None], pad)
         else:
-            runs[name] = run_lorafleet(bench, prompts, adapters)
-        log.info("%s: %s", name, runs[name].summary())
+            run = run_lorafleet(bench, prompts, adapters)
+        runs[name].append(run)
+        log.info("%s: %s", name, run.summary())
         gc.collect()  # the previous system's engine, KV cache and adapters go before the next one
     return runs
+
+
+def median_run(runs: Sequence[SystemRun]) -> SystemRun:
+    """The run with the median throughput (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r.summary().tok_s)[(len(runs) - 1) // 2]
 
 
 def run_lorafleet(bench: Bench, prompts: list[list[int]], adapters: list[str | None]) -> SystemRun:
@@ -251,9 +271,10 @@ def run_lora(config: LoRABenchConfig) -> dict[str, Any]:
             served.close()
         bytes_per_adapter = published.bytes_per_adapter
 
-    results = {name: run.summary().as_dict() for name, run in runs.items()}
+    results = {name: median_run(rs).summary().as_dict() for name, rs in runs.items()}
     return {
         "results": results,
+        "tok_s_by_round": {name: [r.summary().tok_s for r in rs] for name, rs in runs.items()},
         **cold.as_payload(),
         "ratios": ratios(results, config.peft_adapters or 0),
         "machine": machine,
@@ -273,6 +294,7 @@ def run_lora(config: LoRABenchConfig) -> dict[str, Any]:
             },
             "zipf_exponent": config.zipf_exponent,
             "max_loras": config.max_loras,
+            "rounds": config.rounds,
             "peft_adapters": config.peft_adapters,
             "peft_batch_size": STATIC_BATCH_SIZE,
             "cold_samples": config.cold_samples,

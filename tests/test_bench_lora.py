@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from lorafleet.bench.cli import main
+from lorafleet.bench.lora import LoRABenchConfig, median_run
 from lorafleet.bench.lora_adapters import zipf_choices
+from lorafleet.bench.stats import RequestTiming, SystemRun
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SYSTEMS = ["base", "lorafleet_1", "lorafleet_3", "peft_mixed"]
@@ -25,6 +27,18 @@ def test_zipf_choices_favour_the_first_adapters() -> None:
     assert draws == zipf_choices(2000, 8, 1.0, seed=0)
     assert set(draws) <= set(range(8))
     assert draws.count(0) > draws.count(1) > draws.count(7)
+
+
+def test_each_system_reports_its_median_round() -> None:
+    def run(seconds: float) -> SystemRun:
+        return SystemRun([[1] * 10], [RequestTiming(10, 0.1, seconds)], seconds)
+
+    rounds = [run(2.0), run(1.0), run(4.0)]  # 5, 10 and 2.5 tok/s
+    assert median_run(rounds) is rounds[0]
+    assert median_run(rounds[1:]) is rounds[2]  # of two, the slower: never the flattering one
+    assert median_run([rounds[1]]) is rounds[1]
+    with pytest.raises(ValueError, match="--rounds"):
+        LoRABenchConfig(model_dir=Path("."), rounds=0)
 
 
 @pytest.fixture
@@ -42,7 +56,7 @@ def test_lora_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     json_path, png_path = tmp_path / "lora.json", tmp_path / "lora.png"
     argv = ["lora", "--adapters", "3", "--requests", "6", "--max-new-tokens", "4", "--rank", "4"]
     argv += ["--max-loras", "4", "--cold-samples", "2", "--kv-cache-mib", "4", "--model", str(tiny_llama_dir)]
-    argv += ["--json", str(json_path), "--plot", str(png_path), "--matmul-seconds", "0.05"]
+    argv += ["--json", str(json_path), "--plot", str(png_path), "--matmul-seconds", "0.05", "--rounds", "2"]
     assert main(argv) == 0
 
     report = json.loads(json_path.read_text())
@@ -51,6 +65,13 @@ def test_lora_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
         assert set(result) == {"tok_s", "ttft_p50_s", "tpot_p50_s", "tokens", "seconds"}, name
         assert result["tokens"] == 6 * 4, name  # EOS is ignored: exactly M tokens per request
         assert result["tok_s"] > 0 and result["seconds"] > 0, name
+    by_round = report["tok_s_by_round"]
+    assert {name: len(r) for name, r in by_round.items()} == {
+        s: 1 if s == "peft_mixed" else 2 for s in SYSTEMS
+    }
+    for name in SYSTEMS[:-1]:  # each engine system reports its median round (the lower of two)
+        assert report["results"][name]["tok_s"] == min(by_round[name]), name
+    assert report["config"]["rounds"] == 2
     assert set(report["cold_load_s"]) == {"s3", "disk", "cpu"}
     for tier, p in report["cold_load_s"].items():
         assert 0 < p["p50"] <= p["p99"], tier
