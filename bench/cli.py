@@ -224,6 +224,14 @@ def _add_lora(kinds: argparse._SubParsersAction) -> None:
         "--rounds", type=int, default=3, metavar="R",
         help="runs of base and each lorafleet_K, interleaved; each reports its median (default 3)",
     )  # fmt: skip
+    p.add_argument(
+        "--fairness-seconds", type=float, default=60.0, metavar="S",
+        help="length of the fairness run: 8 adapters backlogged, one flooding; 0 skips it (default 60)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fairness-window", type=float, default=10.0, metavar="S",
+        help="window of the fairness shares (default 10)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, required=True, metavar="PATH", help="where to write the results")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw tok/s, TTFT and TPOT per system")
     _add_model_options(p)
@@ -242,6 +250,7 @@ def _run_lora(args: argparse.Namespace) -> int:
         max_loras=args.max_loras, peft_adapters=args.peft_adapters, cold_samples=args.cold_samples,
         dtype=args.dtype, prompts_path=args.prompts, seed=args.seed, matmul_seconds=args.matmul_seconds,
         systems=args.systems or (), kv_cache_mib=args.kv_cache_mib, rounds=args.rounds,
+        fairness_seconds=args.fairness_seconds, fairness_window_s=args.fairness_window,
     )  # fmt: skip
     payload = run_lora(config)
     save_lora(payload, args.json, args.plot)
@@ -253,6 +262,10 @@ def _run_lora(args: argparse.Namespace) -> int:
         print(f"{ratio}: {value:.2f}")
     for tier, p in payload["cold_load_s"].items():
         print(f"cold load from {tier}: p50 {p['p50'] * 1000:.1f} ms, p99 {p['p99'] * 1000:.1f} ms")
+    if payload["fairness"] is not None:
+        f = payload["fairness"]
+        print(f"fairness: smallest share in any {f['window_s']:.0f} s window {f['min_share_vs_fair']:.2f} "
+              f"of the fair share ({f['adapters']} adapters, one flooding)")  # fmt: skip
     print(f"cold S3 load TTFT penalty: {payload['cold_ttft_penalty_s'] * 1000:.0f} ms; "
           f"TPOT during loads: x{payload['tpot_during_load_ratio']:.3f}")  # fmt: skip
     return 0

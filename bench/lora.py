@@ -10,7 +10,8 @@ workload's adapters into memory are not timed, and every system first runs an un
 The engine systems run in `rounds` interleaved rounds (base, lorafleet_1, ..., base, ...) and
 each reports its median round, so that the machine's drift over minutes (base alone has moved by
 ±7% between runs here) lands on every system alike instead of on whichever ran at a bad moment;
-peft_mixed, the slowest by far, runs once. Cold loads are measured apart (lora_cold).
+peft_mixed, the slowest by far, runs once. Cold loads (lora_cold) and fairness under a
+saturating load with one adapter flooding (lora_fairness) are measured apart.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lorafleet.engine.weed import WeedS3
 from .hf_baselines import STATIC_BATCH_SIZE, load_hf_model, run_hf_static
 from .lora_adapters import PublishedAdapters, adapter_id, publish_adapters, zipf_choices
 from .lora_cold import LOAD_TIMEOUT_S, cold_adapter_names, measure_cold_loads
+from .lora_fairness import FAIRNESS_ADAPTERS, FairnessResult, measure_fairness
 from .report import THROUGHPUT_PANELS, plot_bars, write_json
 from .stats import RequestTiming, SystemRun
 from .throughput import prepare_workload
@@ -67,6 +69,8 @@ class LoRABenchConfig:
     seed: int = 0
     matmul_seconds: float = 1.0
     rounds: int = 3  # runs of each engine system, interleaved; each reports its median round
+    fairness_seconds: float = 60.0  # the saturating fairness run (lora_fairness); 0: skip it
+    fairness_window_s: float = 10.0
 
     def __post_init__(self) -> None:
         if min(self.requests, self.max_new_tokens, self.rank, self.max_loras, self.rounds) < 1:
@@ -83,6 +87,8 @@ class LoRABenchConfig:
             raise ValueError(
                 f"unknown systems {sorted(unknown)}; choose among {', '.join(self.system_names())}"
             )
+        if self.fairness_seconds < 0 or self.fairness_window_s <= 0:
+            raise ValueError("--fairness-seconds must not be negative and --fairness-window positive")
         if self.kv_cache_mib < 1:
             raise ValueError("--kv-cache-mib must be at least 1")
         if self.cold_samples < 1 or self.zipf_exponent < 0:
@@ -210,15 +216,32 @@ def run_lorafleet(bench: Bench, prompts: list[list[int]], adapters: list[str | N
         if served is not None:
             # Least popular first, so the most popular end up last in the CPU tier's LRU order.
             named = [a for a in adapters if a is not None]
-            for a in sorted(set(named), key=named.count):
-                served.store.request(a)
-                if served.store.wait(a, LOAD_TIMEOUT_S).state != "ready":
-                    raise RuntimeError(f"adapter {a} did not load: {served.store.status(a).error}")
+            preload(served, sorted(set(named), key=named.count))
         run_engine(engine, prompts[:2], adapters[:2], 2)
         return run_engine(engine, prompts, adapters, bench.config.max_new_tokens)
     finally:
         if served is not None:
             served.close()
+
+
+def preload(served: ServedAdapters, names: Sequence[str]) -> None:
+    """Load `names` into the CPU tier, in this order, before anything is timed."""
+    for a in names:
+        served.store.request(a)
+        if served.store.wait(a, LOAD_TIMEOUT_S).state != "ready":
+            raise RuntimeError(f"adapter {a} did not load: {served.store.status(a).error}")
+
+
+def run_fairness(bench: Bench, prompts: list[list[int]], names: list[str]) -> FairnessResult:
+    served = bench.served(bench.work_dir / "disk-tier")
+    try:
+        engine = bench.engine(served)
+        preload(served, names)
+        c = bench.config
+        log.info("fairness: %d adapters, %s flooding, %.0f s", len(names), names[0], c.fairness_seconds)
+        return measure_fairness(engine, prompts, names, c.fairness_seconds, c.fairness_window_s)
+    finally:
+        served.close()
 
 
 def run_peft(bench: Bench, prompts: list[list[int]], adapters: list[str], pad: int) -> SystemRun:
@@ -260,6 +283,12 @@ def run_lora(config: LoRABenchConfig) -> dict[str, Any]:
         published = publish_adapters(all_names, base, config.rank, s3.client(), work_dir, SERVED_BASE)
         bench = Bench(config, work_dir, s3, published)
         runs = run_systems(bench, prompts, pad)
+        fair_names = used[:FAIRNESS_ADAPTERS]
+        fairness = (
+            run_fairness(bench, prompts, fair_names)
+            if config.fairness_seconds > 0 and len(fair_names) > 1
+            else None
+        )
         log.info("cold loads: %d adapters per measurement", config.cold_samples)
         served = bench.served(work_dir / "disk-cold")
         try:
@@ -276,6 +305,7 @@ def run_lora(config: LoRABenchConfig) -> dict[str, Any]:
         "results": results,
         "tok_s_by_round": {name: [r.summary().tok_s for r in rs] for name, rs in runs.items()},
         **cold.as_payload(),
+        "fairness": fairness.as_payload() if fairness is not None else None,
         "ratios": ratios(results, config.peft_adapters or 0),
         "machine": machine,
         "config": {

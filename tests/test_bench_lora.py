@@ -16,6 +16,7 @@ import torch
 from lorafleet.bench.cli import main
 from lorafleet.bench.lora import LoRABenchConfig, median_run
 from lorafleet.bench.lora_adapters import zipf_choices
+from lorafleet.bench.lora_fairness import FairnessResult
 from lorafleet.bench.stats import RequestTiming, SystemRun
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,6 +28,14 @@ def test_zipf_choices_favour_the_first_adapters() -> None:
     assert draws == zipf_choices(2000, 8, 1.0, seed=0)
     assert set(draws) <= set(range(8))
     assert draws.count(0) > draws.count(1) > draws.count(7)
+
+
+def test_fairness_is_the_smallest_share_of_any_adapter_in_any_window() -> None:
+    windows = [{"a": 50, "b": 50}, {"a": 80, "b": 20}, {"a": 60}]  # b starved in the last one
+    result = FairnessResult(["a", "b"], "a", 10.0, windows)
+    assert result.min_share_vs_fair() == 0.0
+    assert FairnessResult(["a", "b"], "a", 10.0, windows[:2]).min_share_vs_fair() == pytest.approx(0.4)
+    assert result.as_payload()["windows"] == windows
 
 
 def test_each_system_reports_its_median_round() -> None:
@@ -57,6 +66,7 @@ def test_lora_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     argv = ["lora", "--adapters", "3", "--requests", "6", "--max-new-tokens", "4", "--rank", "4"]
     argv += ["--max-loras", "4", "--cold-samples", "2", "--kv-cache-mib", "4", "--model", str(tiny_llama_dir)]
     argv += ["--json", str(json_path), "--plot", str(png_path), "--matmul-seconds", "0.05", "--rounds", "2"]
+    argv += ["--fairness-seconds", "2", "--fairness-window", "0.5"]
     assert main(argv) == 0
 
     report = json.loads(json_path.read_text())
@@ -72,6 +82,12 @@ def test_lora_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     for name in SYSTEMS[:-1]:  # each engine system reports its median round (the lower of two)
         assert report["results"][name]["tok_s"] == min(by_round[name]), name
     assert report["config"]["rounds"] == 2
+    fair = report["fairness"]
+    assert fair["adapters"] >= 2 and fair["window_s"] == 0.5
+    assert len(fair["windows"]) == 3  # 4 windows of 0.5 s, less the warm-up one
+    for window in fair["windows"]:  # nobody starves, the flood included
+        assert len(window) == fair["adapters"] and min(window.values()) > 0, window
+    assert 0 < fair["min_share_vs_fair"] <= 1
     assert set(report["cold_load_s"]) == {"s3", "disk", "cpu"}
     for tier, p in report["cold_load_s"].items():
         assert 0 < p["p50"] <= p["p99"], tier
