@@ -40,7 +40,7 @@ class FairnessResult:
         """min over windows and adapters of (adapter's tokens / window's tokens) * K."""
         k = len(self.adapters)
         ratios = [
-            w.get(a, 0) / sum(w.values()) * k for w in self.windows if sum(w.values()) for a in self.adapters
+            w.get(a, 0) / total * k for w in self.windows if (total := sum(w.values())) for a in self.adapters
         ]
         return min(ratios) if ratios else 0.0
 

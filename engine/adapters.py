@@ -27,7 +27,7 @@ from .protocol import AdapterInfo
 from .protocol import InvalidAdapterName as InvalidName
 from .protocol import UnknownAdapter as NotFound
 from .registry import Registry, RegistryWatcher
-from .request import InvalidRequest
+from .request import InvalidRequest, split_adapter_key
 from .scheduler import AdapterFailure
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class ServedAdapters:
             raise InvalidRequest(str(e)) from None
 
     def load(self, key: str) -> None:
-        adapter_id = key.split("@", 1)[0]
+        adapter_id, _ = split_adapter_key(key)
         now = time.monotonic()
         try:
             # Retryable failures (S3 down) back off instead of retrying every step; get() resets
@@ -99,7 +99,7 @@ class ServedAdapters:
             return  # unpublished while queued: error() reports it
 
     def error(self, key: str) -> AdapterFailure | None:
-        adapter_id = key.split("@", 1)[0]
+        adapter_id, _ = split_adapter_key(key)
         try:
             status = self.store.status(adapter_id)
         except (InvalidAdapterName, UnknownAdapter):
@@ -111,7 +111,7 @@ class ServedAdapters:
     def get(self, key: str) -> LoadedAdapter | None:
         """The adapter's weights if they are in memory and of the key's version (the scheduler
         names a slot after the key it loads, so it must never hold another version's weights)."""
-        adapter_id, version = key.split("@", 1)
+        adapter_id, version = split_adapter_key(key)
         try:
             weights = self.store.get(adapter_id)
         except (InvalidAdapterName, UnknownAdapter):
@@ -125,7 +125,7 @@ class ServedAdapters:
     def current(self, key: str) -> str:
         """The key requests for this adapter get now: a request queued before a republish is
         moved to the new version (the old one is gone from every tier)."""
-        adapter_id = key.split("@", 1)[0]
+        adapter_id, _ = split_adapter_key(key)
         try:
             return self.key_of(adapter_id)
         except InvalidRequest:  # unpublished: error() reports it

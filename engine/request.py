@@ -63,6 +63,12 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # the step that ran it failed
 
 
+def split_adapter_key(key: str) -> tuple[str, str]:
+    """(adapter id, version) of an engine adapter key, "<namespace>/<name>@<version>"."""
+    adapter_id, _, version = key.partition("@")
+    return adapter_id, version
+
+
 @dataclass(eq=False)
 class Request:
     """One generation request. `num_computed_tokens` catches up with `num_tokens` step by step:
@@ -71,7 +77,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter_id: str | None = None
+    adapter_id: str | None = None  # an adapter key (split_adapter_key); None: the base model
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -29,7 +29,7 @@ from . import protocol
 from .auth import ApiKeys, AuthError, Forbidden, KeyScope
 from .metrics import CONTENT_TYPE, EngineSnapshot, Metrics
 from .protocol import AdapterCatalog, ApiError, GenerationRequest, StaticCatalog, bad
-from .request import InvalidRequest, SamplingParams
+from .request import InvalidRequest, SamplingParams, split_adapter_key
 
 if TYPE_CHECKING:
     from .async_engine import AsyncEngine
@@ -279,8 +279,8 @@ def _adapter_ids(requests: Callable[[], Iterable[Any]]) -> frozenset[str]:
     # The engine thread may change the containers while we copy them (which then raises); retry.
     for _ in range(5):
         with contextlib.suppress(RuntimeError):
-            # Engine keys are "<id>@<version>"; the endpoint picker matches served names.
-            return frozenset(r.adapter_id.split("@", 1)[0] for r in tuple(requests()) if r.adapter_id)
+            # The endpoint picker matches served names, not the engine's versioned keys.
+            return frozenset(split_adapter_key(r.adapter_id)[0] for r in tuple(requests()) if r.adapter_id)
     return frozenset()
 
 
