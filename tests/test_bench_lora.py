@@ -50,6 +50,18 @@ def test_each_system_reports_its_median_round() -> None:
         LoRABenchConfig(model_dir=Path("."), rounds=0)
 
 
+@pytest.mark.parametrize(
+    "flags", [["--fairness-seconds", "-1"], ["--fairness-window", "0"], ["--rounds", "0"]]
+)
+def test_bad_lora_bench_options_are_refused_before_anything_runs(
+    flags, tiny_llama_dir, tmp_path, capsys
+) -> None:
+    json_path = tmp_path / "lora.json"
+    assert main(["lora", *flags, "--model", str(tiny_llama_dir), "--json", str(json_path)]) == 2
+    assert flags[0] in capsys.readouterr().err
+    assert not json_path.exists()
+
+
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """Tiny matmuls on two OpenMP threads spin against other processes on a shared 2-core
