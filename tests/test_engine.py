@@ -49,9 +49,12 @@ def hf_greedy(model_dir, prompts, max_new_tokens, dtype=torch.float32):
     return outs
 
 
+@pytest.mark.parametrize("attention", ["native", "torch"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_greedy_equals_hf_generate_one_prompt_at_a_time(tiny_model_dir, layout):
+def test_greedy_equals_hf_generate_one_prompt_at_a_time(tiny_model_dir, layout, attention, monkeypatch):
+    monkeypatch.setenv("LORAFLEET_NATIVE", "1" if attention == "native" else "0")
     eng = engine_for(tiny_model_dir, **LAYOUTS[layout])
+    assert eng.runner.native_decode is (attention == "native")
     prompts = [eng.tokenizer.encode(t) for t in TEXTS]
     outs = eng.generate(prompts, GREEDY)
     reference = hf_greedy(tiny_model_dir, prompts, GREEDY.max_tokens)
