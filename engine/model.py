@@ -90,13 +90,35 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def use_fused_ops(model: nn.Module) -> None:
+    """Run RMSNorm, RoPE and SiLU-and-mul as the one-pass C++ ops of native.py (float32 on an
+    AVX-512 CPU; the caller checks). Same arithmetic, fewer passes over the activations."""
+    for m in model.modules():
+        if isinstance(m, RMSNorm | Attention | MLP):
+            m.fused = True
+
+
 class RMSNorm(nn.Module):
+    fused = False
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """x += delta in place (the residual stream), then the norm of x."""
+        if not self.fused:
+            return self(x.add_(delta))
+        out = torch.empty_like(x)
+        torch.ops.lorafleet.add_rms_norm(x, delta, self.weight, self.eps, out)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            out = torch.empty_like(x)
+            torch.ops.lorafleet.rms_norm(x, self.weight, self.eps, out)
+            return out
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -112,6 +134,8 @@ class StepInputs:
 
 
 class Attention(nn.Module):
+    fused = False
+
     def __init__(self, s: ModelShape) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
@@ -129,14 +153,19 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if self.fused:
+            torch.ops.lorafleet.rope(q, k, cos, sin)
+        else:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.view(t, -1))
 
 
 class MLP(nn.Module):
+    fused = False
+
     def __init__(self, s: ModelShape) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=s.mlp_bias)
@@ -144,6 +173,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=s.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            torch.ops.lorafleet.silu_and_mul(gate, up, gate)
+            return self.down_proj(gate)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -156,8 +189,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(s)
 
     def forward(self, x, cos, sin, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x is the residual stream, updated in place."""
+        h = self.post_attention_layernorm.add_and_norm(
+            x, self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        )
+        return x.add_(self.mlp(h))
 
 
 class Backbone(nn.Module):

@@ -19,7 +19,7 @@ from .config import EngineConfig
 from .cpu_linear import pack_linears
 from .kv_cache import bytes_per_block
 from .lora import LoRABatch, LoRALinear, LoRAWeights, add_lora_slots
-from .model import CausalLM, ModelShape, StepInputs, rope_inv_freq
+from .model import CausalLM, ModelShape, StepInputs, rope_inv_freq, use_fused_ops
 from .request import Request
 from .sampler import sample
 from .scheduler import ScheduledChunk, SchedulerOutput
@@ -94,6 +94,8 @@ def load_model(
     model.inv_freq = inv_freq.to(device)
     model = model.to(device).eval()
     pack_linears(model)  # CPU float32/bfloat16: oneDNN instead of MKL (see cpu_linear)
+    if native.fused_ops(dtype, device):
+        use_fused_ops(model)
     return model, hf_config
 
 

@@ -1,4 +1,5 @@
-"""The engine's C++ op (csrc/decode_attention.cpp), compiled on first use and cached.
+"""The engine's C++ ops (csrc/: paged decode attention, fused elementwise ops), compiled on
+first use and cached.
 
 Like numba's cache for the LoRA kernel, the shared library is built once per machine into
 `$LORAFLEET_NATIVE_DIR`, else `$LORAFLEET_CACHE_DIR/native` (default `~/.cache/lorafleet/native`),
@@ -29,7 +30,7 @@ from .model_source import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
+SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.cpp"))
 _lock = threading.Lock()
 _loaded: bool | None = None
 
@@ -44,7 +45,7 @@ def _command(compiler: str, output: Path) -> list[str]:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     return [
         compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        *includes, str(SOURCE), "-o", str(output),
+        *includes, *map(str, SOURCES), "-o", str(output),
         f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}",
     ]  # fmt: skip
 
@@ -53,15 +54,16 @@ def build(cache_dir: Path) -> Path:
     """The shared library, compiled into `cache_dir` unless a build of the same source against the
     same torch is already there."""
     flags = " ".join(_command("c++", Path("x")))
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, flags]).encode()).hexdigest()[:16]
-    target = cache_dir / f"decode_attention-{key}.so"
+    texts = [p.read_text() for p in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, torch.__version__, flags]).encode()).hexdigest()[:16]
+    target = cache_dir / f"lorafleet_ops-{key}.so"
     if target.is_file():
         return target
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError(f"no C++ compiler to build {target} (set CXX or install g++)")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    log.info("compiling %s (once per machine)", SOURCE.name)
+    log.info("compiling %s (once per machine)", ", ".join(p.name for p in SOURCES))
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".so.tmp")
     os.close(fd)
     try:
@@ -92,7 +94,18 @@ def available() -> bool:
 
 
 def supports(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether decode attention runs in C++ for a model of this dtype, device and head size."""
     return device.type == "cpu" and dtype == torch.float32 and head_dim <= 256 and available()
+
+
+def fused_ops(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused elementwise ops (csrc/elementwise.cpp) run: float32 on an AVX-512 CPU."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and available()
+        and bool(torch.ops.lorafleet.fused_ops_supported())
+    )
 
 
 def decode_attention(

@@ -129,15 +129,15 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
     edited = tmp_path / "edited.cpp"
-    edited.write_text(native.SOURCE.read_text() + "\n// edited\n")
-    monkeypatch.setattr(native, "SOURCE", edited)
+    edited.write_text(native.SOURCES[0].read_text() + "\n// edited\n")
+    monkeypatch.setattr(native, "SOURCES", [edited, *native.SOURCES[1:]])
     assert native.build(tmp_path) != first
 
 
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", [broken])
     out = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="failed"):
         native.build(out)

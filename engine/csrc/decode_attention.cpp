@@ -144,6 +144,15 @@ void attend512(const Args& a, const float* q, const int32_t* table, int64_t ctx,
   std::fill(acc, acc + a.q_heads * D, 0.f);
   for (int64_t b = 0; b * a.block_size < ctx; ++b) {
     const int64_t n = std::min(a.block_size, ctx - b * a.block_size);
+    if ((b + 1) * a.block_size < ctx) {  // the next block is elsewhere: fetch it into L2 meanwhile
+      const char* next_k = reinterpret_cast<const char*>(a.k + table[b + 1] * blk);
+      const char* next_v = reinterpret_cast<const char*>(a.v + table[b + 1] * blk);
+      const int64_t bytes = std::min(a.block_size, ctx - (b + 1) * a.block_size) * tok * 4;
+      for (int64_t at = 0; at < bytes; at += 64) {
+        _mm_prefetch(next_k + at, _MM_HINT_T1);
+        _mm_prefetch(next_v + at, _MM_HINT_T1);
+      }
+    }
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
       const int chunk = static_cast<int>(std::min<int64_t>(16, n - t0));
       const float* kb = a.k + table[b] * blk + t0 * tok;
@@ -237,7 +246,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
 
 }  // namespace
 
-TORCH_LIBRARY(lorafleet, m) {
+TORCH_LIBRARY_FRAGMENT(lorafleet, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor ctx_lens, "
         "Tensor tables, float scale, Tensor(a!) out) -> ()");
 }
