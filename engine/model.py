@@ -91,8 +91,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def use_fused_ops(model: nn.Module) -> None:
-    """Run RMSNorm, RoPE and SiLU-and-mul as the one-pass C++ ops of native.py (float32 on an
-    AVX-512 CPU; the caller checks). Same arithmetic, fewer passes over the activations."""
+    """Run RMSNorm, RoPE with the KV cache write, and SiLU-and-mul as the one-pass C++ ops of
+    native.py (float32 on an AVX-512 CPU; the caller checks). Same arithmetic, fewer passes."""
     for m in model.modules():
         if isinstance(m, RMSNorm | Attention | MLP):
             m.fused = True
@@ -154,11 +154,12 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.fused:
-            torch.ops.lorafleet.rope(q, k, cos, sin)
+            ops = torch.ops.lorafleet
+            ops.rope_write_kv(q, k, v, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping)
         else:
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+            write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.view(t, -1))
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.engine import native
+from lorafleet.engine.attention import write_kv
 from lorafleet.engine.model import RMSNorm, rotate_half
 
 CPU = torch.device("cpu")
@@ -42,16 +43,31 @@ def test_silu_and_mul_even_where_exp_overflows(width):
 
 
 @pytest.mark.parametrize("q_heads,kv_heads,dim", [(9, 3, 64), (4, 2, 16), (2, 1, 40)])
-def test_rope_in_place(q_heads, kv_heads, dim):
-    tokens = 11
-    q, k = torch.randn(tokens, q_heads, dim), torch.randn(tokens, kv_heads, dim)
+def test_rope_write_kv(q_heads, kv_heads, dim):
+    tokens, blocks, block_size = 11, 6, 4
+    q, k, v = (
+        torch.randn(tokens, q_heads, dim),
+        torch.randn(tokens, kv_heads, dim),
+        torch.randn(tokens, kv_heads, dim),
+    )
     angles = torch.rand(tokens, dim // 2) * 50
     emb = torch.cat((angles, angles), dim=-1)
     cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
-    q_ref, k_ref = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    ops.rope(q, k, cos, sin)
+    slots = torch.randperm(blocks * block_size)[:tokens]
+    k_cache, v_cache = (
+        torch.zeros(blocks, block_size, kv_heads, dim),
+        torch.zeros(blocks, block_size, kv_heads, dim),
+    )
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_ref = q * cos + rotate_half(q) * sin
+    write_kv(k_ref, v_ref, k * cos + rotate_half(k) * sin, v, slots)
+    k_before = k.clone()
+    ops.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
     torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, k_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(v_cache, v_ref) and torch.equal(k, k_before)  # k itself is left as it was
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots + blocks * block_size)
 
 
 def test_the_ops_refuse_what_they_cannot_read():
@@ -62,8 +78,11 @@ def test_the_ops_refuse_what_they_cannot_read():
         ops.silu_and_mul(x.t(), x.t(), torch.empty(16, 4))
     with pytest.raises(RuntimeError, match="weight"):
         ops.rms_norm(x, torch.ones(8), 1e-5, torch.empty_like(x))
-    with pytest.raises(RuntimeError, match="rope"):
-        ops.rope(torch.randn(2, 2, 16), torch.randn(3, 1, 16), torch.randn(2, 16), torch.randn(2, 16))
+    with pytest.raises(RuntimeError, match="rope_write_kv"):
+        k = torch.randn(3, 1, 16)  # a token count that differs from q's
+        cache = torch.zeros(2, 4, 1, 16)
+        ops.rope_write_kv(torch.randn(2, 2, 16), k, k, torch.randn(2, 16), torch.randn(2, 16), cache, cache,
+                          torch.zeros(2, dtype=torch.long))  # fmt: skip
 
 
 def test_a_fused_model_matches_the_torch_one(tiny_llama_dir):

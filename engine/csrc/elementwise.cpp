@@ -6,13 +6,15 @@
 //   rms_norm:      out = weight * (x * rsqrt(mean(x^2) + eps))
 //   add_rms_norm:  x += delta (in place), then out = rms_norm(x)   (the residual stream)
 //   silu_and_mul:  out = silu(gate) * up                           (the MLP)
-//   rope:          x = x * cos + rotate_half(x) * sin, in place, for q and k
+//   rope_write_kv: q = q * cos + rotate_half(q) * sin in place; k likewise, written with v
+//                  straight into their KV cache slots (attention.write_kv)
 // The same ops as vLLM's CPU backend fuses, with the arithmetic of model.py's torch versions.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace {
@@ -73,17 +75,17 @@ void silu_mul_row(const float* g, const float* u, float* out, int64_t n) {
   }
 }
 
-// heads rows of head_dim, in place; cos and sin [head_dim] of this token.
-void rope_token(float* x, int64_t heads, int64_t dim, const float* cos, const float* sin) {
+// heads rows of head_dim from x into y (which may be x); cos and sin [head_dim] of this token.
+void rope_token(const float* x, float* y, int64_t heads, int64_t dim, const float* cos, const float* sin) {
   const int64_t half = dim / 2;
-  for (int64_t h = 0; h < heads; ++h, x += dim) {
+  for (int64_t h = 0; h < heads; ++h, x += dim, y += dim) {
     for (int64_t i = 0; i < half; i += 16) {
       const __mmask16 m = tail(half - i);
       const __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
       const __m512 c1 = _mm512_maskz_loadu_ps(m, cos + i), c2 = _mm512_maskz_loadu_ps(m, cos + half + i);
       const __m512 s1 = _mm512_maskz_loadu_ps(m, sin + i), s2 = _mm512_maskz_loadu_ps(m, sin + half + i);
-      _mm512_mask_storeu_ps(x + i, m, _mm512_sub_ps(_mm512_mul_ps(x1, c1), _mm512_mul_ps(x2, s1)));
-      _mm512_mask_storeu_ps(x + half + i, m, _mm512_add_ps(_mm512_mul_ps(x2, c2), _mm512_mul_ps(x1, s2)));
+      _mm512_mask_storeu_ps(y + i, m, _mm512_sub_ps(_mm512_mul_ps(x1, c1), _mm512_mul_ps(x2, s1)));
+      _mm512_mask_storeu_ps(y + half + i, m, _mm512_add_ps(_mm512_mul_ps(x2, c2), _mm512_mul_ps(x1, s2)));
     }
   }
 }
@@ -145,17 +147,30 @@ void silu_and_mul(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out)
 #endif
 }
 
-void rope(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
-  check(q, "q"), check(k, "k"), check(cos, "cos"), check(sin, "sin");
-  const int64_t tokens = q.size(0), dim = q.size(2);
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.size(0) == tokens && k.size(2) == dim && dim % 2 == 0 &&
-                  cos.numel() == tokens * dim && sin.numel() == tokens * dim,
-              "rope: q [T, Hq, D], k [T, Hkv, D], cos and sin [T, D]");
+void rope_write_kv(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                   const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots) {
+  check(q, "q"), check(k, "k"), check(v, "v"), check(cos, "cos"), check(sin, "sin");
+  check(k_cache, "k_cache"), check(v_cache, "v_cache");
+  const int64_t tokens = q.size(0), dim = q.size(2), kv_heads = k.size(1);
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.size(0) == tokens && k.size(2) == dim && v.sizes() == k.sizes() &&
+                  dim % 2 == 0 && cos.numel() == tokens * dim && sin.numel() == tokens * dim,
+              "rope_write_kv: q [T, Hq, D], k and v [T, Hkv, D], cos and sin [T, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(2) == kv_heads &&
+                  k_cache.size(3) == dim,
+              "rope_write_kv: caches [blocks, block_size, Hkv, D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == tokens,
+              "rope_write_kv: slots int64 [T]");
+  const int64_t capacity = k_cache.size(0) * k_cache.size(1), row = kv_heads * dim;
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < capacity, "rope_write_kv: slot out of range");
 #if defined(__x86_64__)
-  for_rows(tokens, (q.size(1) + k.size(1)) * dim, [&](int64_t t) {
+  for_rows(tokens, (q.size(1) + 2 * kv_heads) * dim, [&](int64_t t) {
     const float *c = cos.data_ptr<float>() + t * dim, *s = sin.data_ptr<float>() + t * dim;
-    rope_token(q.data_ptr<float>() + t * q.size(1) * dim, q.size(1), dim, c, s);
-    rope_token(k.data_ptr<float>() + t * k.size(1) * dim, k.size(1), dim, c, s);
+    float* qt = q.data_ptr<float>() + t * q.size(1) * dim;
+    rope_token(qt, qt, q.size(1), dim, c, s);
+    rope_token(k.data_ptr<float>() + t * row, k_cache.data_ptr<float>() + slot[t] * row, kv_heads, dim, c, s);
+    std::copy_n(v.data_ptr<float>() + t * row, row, v_cache.data_ptr<float>() + slot[t] * row);
   });
 #endif
 }
@@ -169,12 +184,13 @@ TORCH_LIBRARY_FRAGMENT(lorafleet, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
   m.def("add_rms_norm(Tensor(a!) x, Tensor delta, Tensor weight, float eps, Tensor(b!) out) -> ()");
   m.def("silu_and_mul(Tensor gate, Tensor up, Tensor(a!) out) -> ()");
-  m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
+  m.def("rope_write_kv(Tensor(a!) q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
+        "Tensor(c!) v_cache, Tensor slots) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lorafleet, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("silu_and_mul", silu_and_mul);
-  m.impl("rope", rope);
+  m.impl("rope_write_kv", rope_write_kv);
 }
