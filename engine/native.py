@@ -30,7 +30,9 @@ from .model_source import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.cpp"))
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = sorted(CSRC.glob("*.cpp"))
+HEADERS = sorted(CSRC.glob("*.h"))
 _lock = threading.Lock()
 _loaded: bool | None = None
 
@@ -42,7 +44,7 @@ def library_dir() -> Path:
 def _command(compiler: str, output: Path) -> list[str]:
     torch_lib = cpp_extension.library_paths()[0]
     abi = int(torch.compiled_with_cxx11_abi())
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    includes = [f"-I{p}" for p in [CSRC, *cpp_extension.include_paths()]]
     return [
         compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *includes, *map(str, SOURCES), "-o", str(output),
@@ -54,7 +56,7 @@ def build(cache_dir: Path) -> Path:
     """The shared library, compiled into `cache_dir` unless a build of the same source against the
     same torch is already there."""
     flags = " ".join(_command("c++", Path("x")))
-    texts = [p.read_text() for p in SOURCES]
+    texts = [p.read_text() for p in [*SOURCES, *HEADERS]]
     key = hashlib.sha256("\0".join([*texts, torch.__version__, flags]).encode()).hexdigest()[:16]
     target = cache_dir / f"lorafleet_ops-{key}.so"
     if target.is_file():

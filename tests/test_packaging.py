@@ -98,7 +98,8 @@ def test_wheel_installs_the_namespace_only(tmp_path: Path) -> None:
             if "__pycache__" not in path.parts:
                 wheel_name = f"{package.replace('.', '/')}/{path.relative_to(REPO / folder).as_posix()}"
                 assert wheel_name in names, f"{wheel_name} missing from the wheel (subpackage not listed?)"
-    assert "lorafleet/engine/csrc/decode_attention.cpp" in names  # the native op's source (package data)
+    for src in ("decode_attention.cpp", "elementwise.cpp", "avx512_math.h"):  # the C++ ops, as package data
+        assert f"lorafleet/engine/csrc/{src}" in names
 
     target = tmp_path / "installed"
     python("-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel))

@@ -68,22 +68,7 @@ void attend(const Args& a, const float* q, const int32_t* table, int64_t ctx, in
 #pragma GCC target("avx512f,avx512dq,fma")
 #include <immintrin.h>
 
-// e^x for x <= 0: Cephes' expf (range reduction by ln 2, a degree-5 polynomial), then 2^n.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
+#include "avx512_math.h"
 
 // Up to 16 tokens (n) of one block for J query heads that share one kv head, head_dim 16 * V:
 // scores, the online softmax update of (m, l, acc), the weighted sum of values. Each key and
@@ -106,7 +91,7 @@ inline void step16(const float* q, const float* kh, const float* vh, int64_t tok
       }
     }
   }
-  const __mmask16 mask = static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1);
+  const __mmask16 mask = tail_mask(n);
   float corr[J];
   for (int j = 0; j < J; ++j) {
     const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask, s[j]);

@@ -24,32 +24,13 @@ namespace {
 #pragma GCC target("avx512f,avx512dq,fma")
 #include <immintrin.h>
 
-inline __mmask16 tail(int64_t left) {
-  return static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
-}
-
-// e^x (Cephes' expf); below -87 it gives ~1e-38 instead of denormals, above ~88 infinity.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
+#include "avx512_math.h"
 
 // One row: optionally x += delta first, then out = w * (x * rsqrt(mean(x^2) + eps)).
 void norm_row(float* x, const float* delta, const float* w, float* out, int64_t n, float eps) {
   __m512 sq = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail(n - i);
+    const __mmask16 m = tail_mask(n - i);
     __m512 v = _mm512_maskz_loadu_ps(m, x + i);
     if (delta != nullptr) {
       v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, delta + i));
@@ -59,7 +40,7 @@ void norm_row(float* x, const float* delta, const float* w, float* out, int64_t 
   }
   const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(sq) / n + eps));
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail(n - i);
+    const __mmask16 m = tail_mask(n - i);
     const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), r);
     _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), v));
   }
@@ -67,7 +48,7 @@ void norm_row(float* x, const float* delta, const float* w, float* out, int64_t 
 
 void silu_mul_row(const float* g, const float* u, float* out, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail(n - i);
+    const __mmask16 m = tail_mask(n - i);
     const __m512 x = _mm512_maskz_loadu_ps(m, g + i);
     const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
     const __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e));
@@ -80,7 +61,7 @@ void rope_token(const float* x, float* y, int64_t heads, int64_t dim, const floa
   const int64_t half = dim / 2;
   for (int64_t h = 0; h < heads; ++h, x += dim, y += dim) {
     for (int64_t i = 0; i < half; i += 16) {
-      const __mmask16 m = tail(half - i);
+      const __mmask16 m = tail_mask(half - i);
       const __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + half + i);
       const __m512 c1 = _mm512_maskz_loadu_ps(m, cos + i), c2 = _mm512_maskz_loadu_ps(m, cos + half + i);
       const __m512 s1 = _mm512_maskz_loadu_ps(m, sin + i), s2 = _mm512_maskz_loadu_ps(m, sin + half + i);
