@@ -31,7 +31,7 @@ RUN apt-get update \
 
 # -- build: a virtualenv at the path it will have at run time ----------------------------------------
 FROM base AS build
-# g++ builds the engine's C++ op (engine/csrc) here, once; the runtime image needs no compiler.
+# g++ builds the engine's C++ ops (engine/csrc) here, once; the runtime image needs no compiler.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/lorafleet
 WORKDIR /src

@@ -136,7 +136,7 @@ class ModelRunner:
             )
             sgmv.warm_up()
         # Decodes attend in the C++ op where it runs (see attention.py), else with the prefills' SDPA.
-        self.native_decode = native.supports(self.dtype, self.device, s.head_dim)
+        self.native_decode = native.supports(self.dtype, self.device, s.num_heads, s.head_dim)
         self.default_generator = torch.Generator().manual_seed(config.seed)
         self._generators: dict[str, torch.Generator] = {}
         log.info(

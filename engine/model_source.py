@@ -32,7 +32,8 @@ class ModelSourceError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    """`$LORAFLEET_CACHE_DIR`, else `~/.cache/lorafleet`. Only the CLI (and the native build cache, which is per machine) should call this."""
+    """`$LORAFLEET_CACHE_DIR`, else `~/.cache/lorafleet`. Only the CLI, and native.py's per-machine
+    build cache, should call this."""
     return Path(os.environ.get("LORAFLEET_CACHE_DIR") or Path.home() / ".cache" / "lorafleet")
 
 

@@ -9,7 +9,7 @@ are torch's. AVX-512 code is picked at run time, so one build runs on any CPU of
 the container image builds it once (Dockerfile) and needs no compiler at run time.
 
 Without the library and a C++ compiler to build it (or with LORAFLEET_NATIVE=0) the engine keeps
-its pure-torch attention and says so once.
+its pure-torch attention and elementwise ops, and says so once.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def build(cache_dir: Path) -> Path:
 
 
 def available() -> bool:
-    """Whether the op is loaded: built (or found) and loaded once per process, unless
+    """Whether the ops are loaded: built (or found) and loaded once per process, unless
     LORAFLEET_NATIVE=0 (read at every call, so a test or a bench can compare both paths)."""
     global _loaded
     if os.environ.get("LORAFLEET_NATIVE", "1") == "0":
@@ -91,13 +91,23 @@ def available() -> bool:
                 torch.ops.load_library(str(build(library_dir())))
                 _loaded = True
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                log.warning("decode attention runs in plain torch (slower): %s", e)
+                log.warning("no C++ ops: attention and elementwise ops run in plain torch (slower): %s", e)
         return _loaded
 
 
-def supports(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
-    """Whether decode attention runs in C++ for a model of this dtype, device and head size."""
-    return device.type == "cpu" and dtype == torch.float32 and head_dim <= 256 and available()
+# The op's limits (decode_attention.cpp: kMaxHeads, kMaxHeadDim): a model past them keeps torch.
+MAX_HEADS, MAX_HEAD_DIM = 128, 256
+
+
+def supports(dtype: torch.dtype, device: torch.device, num_heads: int, head_dim: int) -> bool:
+    """Whether decode attention runs in C++ for a model of this dtype, device and head layout."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and num_heads <= MAX_HEADS
+        and head_dim <= MAX_HEAD_DIM
+        and available()
+    )
 
 
 def fused_ops(dtype: torch.dtype, device: torch.device) -> bool:

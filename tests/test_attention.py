@@ -147,7 +147,20 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
 def test_native_zero_switches_the_op_off(monkeypatch):
     monkeypatch.setenv("LORAFLEET_NATIVE", "0")
     assert not native.available()
-    assert not native.supports(torch.float32, torch.device("cpu"), 64)
+    assert not native.supports(torch.float32, torch.device("cpu"), 9, 64)
     monkeypatch.delenv("LORAFLEET_NATIVE")
-    assert native.supports(torch.float32, torch.device("cpu"), 64)
-    assert not native.supports(torch.bfloat16, torch.device("cpu"), 64)
+    assert native.supports(torch.float32, torch.device("cpu"), 9, 64)
+    assert not native.supports(torch.bfloat16, torch.device("cpu"), 9, 64)
+
+
+def test_a_model_past_the_ops_limits_keeps_torch():
+    """What the op would refuse at every step is never chosen for it: the engine stays on torch."""
+    cpu = torch.device("cpu")
+    assert native.supports(torch.float32, cpu, native.MAX_HEADS, native.MAX_HEAD_DIM)
+    assert not native.supports(torch.float32, cpu, native.MAX_HEADS + 1, 64)
+    assert not native.supports(torch.float32, cpu, 8, native.MAX_HEAD_DIM + 16)
+    k_cache, v_cache = random_cache(2, 4, 1, 16)
+    q = torch.randn(1, native.MAX_HEADS + 1, 16)
+    d = DecodeBatch.build([0], [3], [[0]], scratch_block=2)
+    with pytest.raises(RuntimeError, match="head layout"):  # and the op agrees on the limit
+        native.decode_attention(q, k_cache, v_cache, d.rows, d.ctx_lens, d.tables, 0.25, torch.empty_like(q))

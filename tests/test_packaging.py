@@ -98,7 +98,12 @@ def test_wheel_installs_the_namespace_only(tmp_path: Path) -> None:
             if "__pycache__" not in path.parts:
                 wheel_name = f"{package.replace('.', '/')}/{path.relative_to(REPO / folder).as_posix()}"
                 assert wheel_name in names, f"{wheel_name} missing from the wheel (subpackage not listed?)"
-    for src in ("decode_attention.cpp", "elementwise.cpp", "avx512_math.h"):  # the C++ ops, as package data
+    for src in (
+        "decode_attention.cpp",
+        "elementwise.cpp",
+        "avx512_math.h",
+        "common.h",
+    ):  # the C++ ops, as package data
         assert f"lorafleet/engine/csrc/{src}" in names
 
     target = tmp_path / "installed"

@@ -19,6 +19,8 @@
 #include <cmath>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
 constexpr int64_t kMaxHeads = 128;
@@ -167,7 +169,7 @@ using Kernel = void (*)(const Args&, const float*, const int32_t*, int64_t, int6
 
 Kernel pick_kernel(int64_t head_dim) {
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
+  if (cpu_has_avx512()) {
     switch (head_dim) {
       case 16: return attend512<1>;
       case 32: return attend512<2>;
@@ -182,10 +184,8 @@ Kernel pick_kernel(int64_t head_dim) {
 void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& rows, const at::Tensor& ctx_lens, const at::Tensor& tables,
                       double scale, at::Tensor& out) {
-  for (const at::Tensor* t : {&q, &k_cache, &v_cache, static_cast<const at::Tensor*>(&out)}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "decode_attention: q, caches and out must be contiguous float32 CPU tensors");
-  }
+  check_float32(q, "decode_attention: q"), check_float32(out, "decode_attention: out");
+  check_float32(k_cache, "decode_attention: k_cache"), check_float32(v_cache, "decode_attention: v_cache");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && out.sizes() == q.sizes(),
               "decode_attention: q/out [tokens, heads, dim] and caches [blocks, block_size, kv_heads, dim]");
   const int64_t batch = rows.size(0), q_heads = q.size(1), head_dim = q.size(2);

@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common.h"
+
 namespace {
 
 #if defined(__x86_64__)
@@ -71,28 +73,19 @@ void rope_token(const float* x, float* y, int64_t heads, int64_t dim, const floa
   }
 }
 #pragma GCC pop_options
-
-bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
-#else
-bool supported() { return false; }
 #endif
-
-void check(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), what,
-              " must be a contiguous float32 CPU tensor");
-}
 
 // Rows of `width` floats, split so that each task has at least ~16k elements.
 template <typename F>
 void for_rows(int64_t rows, int64_t width, const F& f) {
-  TORCH_CHECK(supported(), "the fused ops need AVX-512");
+  TORCH_CHECK(cpu_has_avx512(), "the fused ops need AVX-512");
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) f(r);
   });
 }
 
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
-  check(x, "x"), check(weight, "weight"), check(out, "out");
+  check_float32(x, "x"), check_float32(weight, "weight"), check_float32(out, "out");
   const int64_t n = weight.numel();
   TORCH_CHECK(x.dim() == 2 && x.size(1) == n && out.sizes() == x.sizes(), "rms_norm: x [T, H], weight [H]");
 #if defined(__x86_64__)
@@ -104,7 +97,7 @@ void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Ten
 }
 
 void add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps, at::Tensor& out) {
-  check(x, "x"), check(delta, "delta"), check(weight, "weight"), check(out, "out");
+  check_float32(x, "x"), check_float32(delta, "delta"), check_float32(weight, "weight"), check_float32(out, "out");
   const int64_t n = weight.numel();
   TORCH_CHECK(x.dim() == 2 && x.size(1) == n && delta.sizes() == x.sizes() && out.sizes() == x.sizes(),
               "add_rms_norm: x and delta [T, H], weight [H]");
@@ -117,7 +110,7 @@ void add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weig
 }
 
 void silu_and_mul(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
-  check(gate, "gate"), check(up, "up"), check(out, "out");
+  check_float32(gate, "gate"), check_float32(up, "up"), check_float32(out, "out");
   TORCH_CHECK(gate.dim() == 2 && up.sizes() == gate.sizes() && out.sizes() == gate.sizes(),
               "silu_and_mul: gate, up and out [T, I]");
 #if defined(__x86_64__)
@@ -130,8 +123,8 @@ void silu_and_mul(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out)
 
 void rope_write_kv(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                    const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots) {
-  check(q, "q"), check(k, "k"), check(v, "v"), check(cos, "cos"), check(sin, "sin");
-  check(k_cache, "k_cache"), check(v_cache, "v_cache");
+  check_float32(q, "q"), check_float32(k, "k"), check_float32(v, "v"), check_float32(cos, "cos"), check_float32(sin, "sin");
+  check_float32(k_cache, "k_cache"), check_float32(v_cache, "v_cache");
   const int64_t tokens = q.size(0), dim = q.size(2), kv_heads = k.size(1);
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.size(0) == tokens && k.size(2) == dim && v.sizes() == k.sizes() &&
                   dim % 2 == 0 && cos.numel() == tokens * dim && sin.numel() == tokens * dim,
@@ -156,7 +149,7 @@ void rope_write_kv(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 #endif
 }
 
-bool fused_ops_supported() { return supported(); }
+bool fused_ops_supported() { return cpu_has_avx512(); }
 
 }  // namespace
 
