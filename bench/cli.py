@@ -50,7 +50,8 @@ def _add_throughput(kinds: argparse._SubParsersAction) -> None:
         "at EOS, with each system in turn: "
         "lorafleet (continuous batching), lorafleet_static (the engine in static mode), "
         "hf_static (transformers generate() on left-padded batches of 16) and "
-        "hf_continuous (transformers generate_batch). Reports generated tok/s, median TTFT and TPOT, "
+        "hf_continuous (transformers generate_batch); on request also lorafleet_ngram (continuous batching "
+        "with 4 speculative n-gram tokens per step while at most 4 requests run). Reports generated tok/s, median TTFT and TPOT, "
         "the machine's matmul FLOP/s and LoRAFleet's fraction of the matmul roofline.",
     )
     p.add_argument("--requests", type=int, default=128, metavar="N", help="first N prompts (default 128)")
@@ -60,7 +61,8 @@ def _add_throughput(kinds: argparse._SubParsersAction) -> None:
         "--systems",
         type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
         metavar="A,B,...",
-        help="comma-separated subset of lorafleet,lorafleet_static,hf_static,hf_continuous (default: all)",
+        help="comma-separated subset of lorafleet,lorafleet_static,hf_static,hf_continuous,lorafleet_ngram "
+        "(default: all but lorafleet_ngram)",
     )
     p.add_argument("--json", type=Path, required=True, metavar="PATH", help="where to write the results")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw tok/s, TTFT and TPOT per system")
@@ -154,14 +156,14 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 def _run_throughput(args: argparse.Namespace) -> int:
     # Imported here: torch and the engine take seconds to import, and `--help` needs neither.
-    from .throughput import SYSTEMS, ThroughputConfig, run_throughput, save_throughput
+    from .throughput import DEFAULT_SYSTEMS, ThroughputConfig, run_throughput, save_throughput
 
     config = ThroughputConfig(
         model_dir=_model_dir(args),
         requests=args.requests,
         max_new_tokens=args.max_new_tokens,
         dtype=args.dtype,
-        systems=args.systems or SYSTEMS,
+        systems=args.systems or DEFAULT_SYSTEMS,
         prompts_path=args.prompts,
         matmul_seconds=args.matmul_seconds,
     )

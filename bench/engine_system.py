@@ -1,4 +1,5 @@
-"""The system under test: LoRAFleet's engine, in continuous or static scheduling mode."""
+"""The system under test: LoRAFleet's engine, in continuous or static scheduling mode, with or
+without speculative decoding."""
 
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ STATIC_BATCH = 16
 class LoRAFleetSystem:
     """One engine, built once (model load and KV cache allocation are not timed), run many times."""
 
-    def __init__(self, model_dir: Path, dtype: str, mode: Literal["continuous", "static"]) -> None:
+    def __init__(
+        self, model_dir: Path, dtype: str, mode: Literal["continuous", "static"], speculative_tokens: int = 0
+    ) -> None:
         # Static batches of 16, as hf_static's: with one batch of all 128 requests, static and
         # continuous scheduling would be the same thing.
         sched = (
-            SchedulerConfig(mode=mode, max_num_seqs=STATIC_BATCH) if mode == "static" else SchedulerConfig()
+            SchedulerConfig(mode=mode, max_num_seqs=STATIC_BATCH)
+            if mode == "static"
+            else SchedulerConfig(num_speculative_tokens=speculative_tokens)
         )
         config = EngineConfig(model=str(model_dir), dtype=dtype, scheduler=sched)
         self.engine = LLMEngine(config)

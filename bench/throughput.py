@@ -30,10 +30,13 @@ from .workload import chat_prompts, default_prompts_path, load_messages
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("lorafleet", "lorafleet_static", "hf_static", "hf_continuous")
-ENGINE_MODES: dict[str, Literal["continuous", "static"]] = {
-    "lorafleet": "continuous",
-    "lorafleet_static": "static",
+SYSTEMS = ("lorafleet", "lorafleet_static", "hf_static", "hf_continuous", "lorafleet_ngram")
+DEFAULT_SYSTEMS = SYSTEMS[:4]  # lorafleet_ngram is lorafleet unless a few requests run (a latency run)
+# Engine systems: scheduling mode and speculative (n-gram) tokens per step.
+ENGINE_SYSTEMS: dict[str, tuple[Literal["continuous", "static"], int]] = {
+    "lorafleet": ("continuous", 0),
+    "lorafleet_static": ("static", 0),
+    "lorafleet_ngram": ("continuous", 4),
 }
 MODEL_SHAPED_TOKENS = 128  # rows of the roofline matmul: one decode step of 128 running requests
 TTFT_METHOD = (
@@ -50,7 +53,7 @@ class ThroughputConfig:
     requests: int = 128
     max_new_tokens: int = 128
     dtype: str = "float32"
-    systems: tuple[str, ...] = SYSTEMS
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS
     prompts_path: Path | None = None  # default: the shared workload file
     matmul_seconds: float = 1.0  # time budget of each machine matmul measurement
 
@@ -81,8 +84,8 @@ def run_systems(
     runs: dict[str, SystemRun] = {}
     hf_model = None
     for name in config.systems:
-        if name in ENGINE_MODES:
-            runner = LoRAFleetSystem(config.model_dir, config.dtype, ENGINE_MODES[name]).run
+        if name in ENGINE_SYSTEMS:
+            runner = LoRAFleetSystem(config.model_dir, config.dtype, *ENGINE_SYSTEMS[name]).run
         else:
             if hf_model is None:
                 hf_model = load_hf_model(config.model_dir, getattr(torch, config.dtype))

@@ -41,6 +41,19 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=int, default=512, help="token budget of one step (default 512)"
     )
     g.add_argument("--max-num-seqs", type=int, default=128, help="running requests at once (default 128)")
+    g.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=0,
+        help="speculative decoding: guess up to this many next tokens of greedy requests from n-grams of "
+        "their own context and verify them in one pass; lowers latency at small batches (default 0: off)",
+    )
+    g.add_argument(
+        "--speculative-max-seqs",
+        type=int,
+        default=4,
+        help="guess only while at most this many requests run; wider steps are bound by compute (default 4)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for requests without their own (default 0)")
 
 
@@ -59,7 +72,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_mib * MiB),
         scheduler=SchedulerConfig(
-            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            num_speculative_tokens=args.num_speculative_tokens,
+            speculative_max_seqs=args.speculative_max_seqs,
         ),
     )
 

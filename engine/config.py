@@ -40,6 +40,15 @@ class SchedulerConfig:
     # Keep this fraction of KV blocks free when admitting new requests, so running requests can
     # grow for a while without being preempted right after a new one is admitted.
     admission_watermark: float = 0.01
+    # Speculative decoding with n-gram drafts (see speculative.py): up to this many guessed tokens
+    # per greedy request and step; 0 turns it off. Guesses come from the last prompt_lookup_max
+    # down to prompt_lookup_min tokens found earlier in the request. Drafting stops while more than
+    # speculative_max_seqs requests run: wide steps are bound by compute, not by reading weights,
+    # so guesses there cost their full price (vLLM's disable_by_batch_size).
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    speculative_max_seqs: int = 4
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -50,6 +59,14 @@ class SchedulerConfig:
             raise ValueError(f"mode must be 'continuous' or 'static', got {self.mode!r}")
         if not 0.0 <= self.admission_watermark < 1.0:
             raise ValueError("admission_watermark must be in [0, 1)")
+        if not 0 <= self.num_speculative_tokens <= 16:
+            raise ValueError(
+                f"num_speculative_tokens must be between 0 and 16, got {self.num_speculative_tokens}"
+            )
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max")
+        if self.speculative_max_seqs < 1:
+            raise ValueError("speculative_max_seqs must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -162,19 +162,27 @@ class LLMEngine:
                 self.scheduler.finish(chunk.request, FinishReason.ERROR)
                 outputs.append(self._output(chunk.request, [], "", finalize=True, error=str(e)))
             return outputs
-        self.scheduler.update(out, sampled)
+        gained = self.scheduler.update(out, sampled)
         outputs = failed
         for chunk in out.chunks:
             req = chunk.request
-            token = sampled.get(req.request_id)
-            if token is None:
+            tokens = gained.get(req.request_id)
+            if tokens is None:
                 continue
-            text, hit_stop = self._detok[req.request_id].add(token)
-            if hit_stop and req.finished:  # the stop string came with the last allowed token
-                req.finish_reason = FinishReason.STOP
-            elif hit_stop:
-                self.scheduler.finish(req, FinishReason.STOP)
-            outputs.append(self._output(req, [token], text, finalize=req.finished))
+            detok, text = self._detok[req.request_id], ""
+            for i, token in enumerate(tokens):
+                delta, hit_stop = detok.add(token)
+                text += delta
+                if hit_stop:
+                    # Tokens after the stop string (from accepted draft tokens) were never produced.
+                    del req.output_token_ids[len(req.output_token_ids) - len(tokens) + i + 1 :]
+                    tokens = tokens[: i + 1]
+                    if req.finished:  # the stop string came with the last allowed token
+                        req.finish_reason = FinishReason.STOP
+                    else:
+                        self.scheduler.finish(req, FinishReason.STOP)
+                    break
+            outputs.append(self._output(req, tokens, text, finalize=req.finished))
         return outputs
 
     def _output(

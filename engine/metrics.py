@@ -31,6 +31,8 @@ class EngineSnapshot:
     kv_usage: float  # fraction of KV blocks in use, 0.0 to 1.0
     running_adapters: frozenset[str]
     waiting_adapters: frozenset[str]
+    num_draft_tokens: int = 0  # speculative guesses computed since start
+    num_accepted_tokens: int = 0  # ... and kept
 
 
 if TYPE_CHECKING:
@@ -143,6 +145,16 @@ class Metrics:
             "vllm:lora_requests_info", "Last update time (unix seconds) of the running and waiting adapters",
             ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r,
         )  # fmt: skip
+        # Speculative decoding: accepted / draft is the acceptance rate (vLLM's spec_decode counters).
+        self.draft_tokens = Counter(
+            "lorafleet_spec_decode_draft_tokens", "Speculative draft tokens computed", registry=r
+        )
+        self.accepted_tokens = Counter(
+            "lorafleet_spec_decode_accepted_tokens",
+            "Speculative draft tokens the model agreed with",
+            registry=r,
+        )
+        self._spec_seen = (0, 0)
         self.adapters = AdapterMetrics(r)
 
     def observe_engine(self, s: EngineSnapshot) -> None:
@@ -152,6 +164,10 @@ class Metrics:
             (self.kv_usage, s.kv_usage), (self.vllm_kv_usage, s.kv_usage), (self.vllm_gpu_kv_usage, s.kv_usage),
         ):  # fmt: skip
             gauge.set(value)
+        drafted, accepted = self._spec_seen
+        self.draft_tokens.inc(max(0, s.num_draft_tokens - drafted))
+        self.accepted_tokens.inc(max(0, s.num_accepted_tokens - accepted))
+        self._spec_seen = (max(drafted, s.num_draft_tokens), max(accepted, s.num_accepted_tokens))
         # One series only: the endpoint picker reads the newest one, so old label sets must go.
         self.vllm_lora_info.clear()
         self.vllm_lora_info.labels(

@@ -1,7 +1,8 @@
 """Weights, KV cache tensors and the forward pass for one scheduler step. Knows nothing of HTTP.
 
 `execute(out)` turns a `SchedulerOutput` into packed tensors, runs the model once and samples
-one token for every request whose chunk reached the end of its known tokens.
+one token for every request whose chunk reached the end of its known tokens, plus one after
+each of its draft tokens (speculative decoding) for the scheduler to verify them with.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ class ModelRunner:
                 layer.set_lora(slot, ab[0].to(self.dtype), ab[1].to(self.dtype), adapter.scale)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+    def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
+        """The sampled tokens of each request whose chunk samples, one per sampled row."""
         # Each adapter's tokens form one contiguous segment; base-model tokens come first.
         chunks = sorted(out.chunks, key=lambda c: -1 if c.slot is None else c.slot)
         inputs, sample_rows, sampling = self._prepare(chunks)
@@ -167,9 +169,12 @@ class ModelRunner:
         if not sample_rows:
             return {}
         logits = self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=self.device)))
-        reqs = [c.request for c in sampling]
-        tokens = sample(logits.cpu(), [r.params for r in reqs], [self._generator(r) for r in reqs])
-        return {r.request_id: t for r, t in zip(reqs, tokens)}
+        rows = [c.request for c in sampling for _ in range(len(c.draft) + 1)]
+        tokens = sample(logits.cpu(), [r.params for r in rows], [self._generator(r) for r in rows])
+        picked: dict[str, list[int]] = {}
+        for r, t in zip(rows, tokens):
+            picked.setdefault(r.request_id, []).append(t)
+        return picked
 
     @torch.inference_mode()
     def hidden_states(self, chunk: ScheduledChunk) -> torch.Tensor:
@@ -206,7 +211,7 @@ class ModelRunner:
                     segments[-1] = (c.slot, segments[-1][1], row0 + c.num_tokens)
                 else:
                     segments.append((c.slot, row0, row0 + c.num_tokens))
-            ids += c.request.all_token_ids[c.start : end]
+            ids += c.request.all_token_ids[c.start : end - len(c.draft)] + c.draft
             positions += range(c.start, end)
             slots += [c.block_table[p // bs] * bs + p % bs for p in range(c.start, end)]
             if self.native_decode and c.num_tokens == 1:
@@ -221,7 +226,7 @@ class ModelRunner:
                 ctx_lens.append(end)
                 tables.append(c.block_table)
             if c.samples:
-                sample_rows.append(len(ids) - 1)
+                sample_rows += range(len(ids) - 1 - len(c.draft), len(ids))
                 sampling.append(c)
         attn_groups: list[AttentionGroup] = [
             build_group(

@@ -14,6 +14,8 @@ its slot longest stops admitting (it "yields"): its running requests finish, its
 and the waiting adapter takes it. Slots thus rotate like time slices, and with more adapters
 than slots each still gets its share.
 When the KV cache is full, the newest running request is preempted and later recomputed.
+With speculative decoding on, a greedy request's decode may carry n-gram guesses of its next
+tokens (`ScheduledChunk.draft`, see speculative.py); `update` keeps the ones the model agreed with.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .adapter_slots import SlotTable
 from .config import SchedulerConfig
 from .kv_cache import KVCacheManager
 from .request import FinishReason, Request, Status
+from .speculative import accept, propose
 
 PREFETCH_DEPTH = 4  # cold adapters, in turn order, whose loads run at once
 MIN_SLOT_STEPS = 16  # an adapter keeps admitting for at least this many steps after taking a slot
@@ -64,6 +67,9 @@ class ScheduledChunk:
     block_table: list[int]  # the request's KV blocks (a live view; do not mutate)
     samples: bool  # the chunk reaches the end of the known tokens, so the step samples a new one
     slot: int | None = None  # LoRA slot of the request's adapter
+    # Guessed tokens computed after the known ones (counted in num_tokens); the step samples a
+    # token after each of them too, to verify them.
+    draft: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -105,6 +111,8 @@ class Scheduler:
         self._failing_since: dict[str, float] = {}  # adapter -> first retryable failure its queue met
         self._reserve = int(config.admission_watermark * kv.num_blocks)
         self.num_preemptions = 0  # since start, for metrics
+        self.num_draft_tokens = 0  # speculative guesses computed, since start
+        self.num_accepted_tokens = 0  # ... and kept
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -148,11 +156,21 @@ class Scheduler:
         self._step += 1
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        cfg = self.config
+        drafting = cfg.num_speculative_tokens > 0 and len(self.running) <= cfg.speculative_max_seqs
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            draft = self._draft(req, budget) if drafting and n == 1 else []
+            # Room for the guesses, if there is some to spare: a guess never preempts anyone.
+            if draft and self.kv.allocate(
+                req.request_id, req.num_computed_tokens + 1 + len(draft), self._reserve
+            ):
+                n += len(draft)
+            else:
+                draft = []
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -161,7 +179,7 @@ class Scheduler:
                     break
             if req.status is not Status.RUNNING:
                 break  # req preempted itself: every later request is gone too
-            out.chunks.append(self._chunk(req, n))
+            out.chunks.append(self._chunk(req, n, draft))
             budget -= n
             i += 1
 
@@ -267,37 +285,63 @@ class Scheduler:
                 self.adapters.load(adapter)
                 started += 1
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Record the step's results. `sampled` maps request id to its new token.
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Record the step's results. `sampled` maps the id of each request whose chunk samples to
+        the tokens the model picked: one, or one per draft token plus one.
 
-        Returns the requests that finished in this step."""
+        Returns the tokens each request gained (finished requests included: check `finished`)."""
         now = time.monotonic()
-        finished = []
+        gained: dict[str, list[int]] = {}
         for chunk in out.chunks:
             req = chunk.request
             if req.finished:
                 continue  # cancelled while the step ran
-            req.num_computed_tokens += chunk.num_tokens
-            token = sampled.get(req.request_id)
-            if token is None:
+            picked = sampled.get(req.request_id)
+            if picked is None:
+                req.num_computed_tokens += chunk.num_tokens
                 continue
-            req.output_token_ids.append(token)
+            tokens = accept(chunk.draft, picked)
+            # The KV of the known tokens and of the kept guesses is valid; the rest is overwritten
+            # when those positions are computed again.
+            req.num_computed_tokens += chunk.num_tokens - len(chunk.draft) + len(tokens) - 1
+            self.num_draft_tokens += len(chunk.draft)
+            self.num_accepted_tokens += len(tokens) - 1
             if req.first_token_time is None:
                 req.first_token_time = now
-            reason = self._stop_reason(req, token)
-            if reason is not None:
-                self.finish(req, reason)
-                finished.append(req)
-        return finished
+            new = gained[req.request_id] = []
+            for token in tokens:
+                req.output_token_ids.append(token)
+                new.append(token)
+                reason = self._stop_reason(req, token)
+                if reason is not None:
+                    self.finish(req, reason)
+                    break
+        return gained
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
+    def _chunk(self, req: Request, n: int, draft: list[int] | None = None) -> ScheduledChunk:
         start = req.num_computed_tokens
         slot = None if req.adapter_id is None else self.slots.slot_of(req.adapter_id)
-        return ScheduledChunk(
-            req, start, n, self.kv.block_table(req.request_id), start + n == req.num_tokens, slot
+        draft = draft or []
+        samples = start + n - len(draft) == req.num_tokens
+        return ScheduledChunk(req, start, n, self.kv.block_table(req.request_id), samples, slot, draft)
+
+    def _draft(self, req: Request, budget: int) -> list[int]:
+        """Guesses of a greedy request's next tokens, never past its max_tokens, the context
+        length or the step's token budget."""
+        if not req.params.greedy:
+            return []  # a guess is checked against the argmax, so a sampled token cannot verify it
+        cfg = self.config
+        room = min(
+            cfg.num_speculative_tokens,
+            budget - 1,
+            req.params.max_tokens - len(req.output_token_ids) - 1,
+            self.max_model_len - req.num_tokens - 1,
         )
+        if room <= 0:
+            return []
+        return propose(req.all_token_ids, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
 
     def _rekey(self, old: str, new: str) -> None:
         """Move the requests waiting for `old` to the back of `new`'s queue. A slot is only ever

@@ -272,6 +272,8 @@ def engine_snapshot(engine: AsyncEngine) -> EngineSnapshot:
         kv_usage=llm.kv.usage,
         running_adapters=_adapter_ids(lambda: llm.scheduler.running),
         waiting_adapters=_adapter_ids(waiting if callable(waiting) else lambda: waiting),
+        num_draft_tokens=llm.scheduler.num_draft_tokens,
+        num_accepted_tokens=llm.scheduler.num_accepted_tokens,
     )
 
 

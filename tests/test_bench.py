@@ -62,6 +62,7 @@ def test_throughput_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     json_path, png_path = tmp_path / "tp.json", tmp_path / "tp.png"
     argv = ["throughput", "--requests", "4", "--max-new-tokens", "8", "--model", str(tiny_llama_dir)]
     argv += ["--json", str(json_path), "--plot", str(png_path), "--matmul-seconds", "0.05"]
+    argv += ["--systems", ",".join(SYSTEMS)]
     assert main(argv) == 0
 
     report = json.loads(json_path.read_text())

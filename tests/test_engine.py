@@ -32,6 +32,11 @@ LAYOUTS = {
         cache=CacheConfig(block_size=4, kv_cache_bytes=40 * 4 * 2 * 2 * 2 * 16 * 4),
         scheduler=SchedulerConfig(64, 8, admission_watermark=0.0),
     ),
+    # n-gram drafts verified in the step, some kept and some not, across block boundaries.
+    "speculative": dict(
+        cache=CacheConfig(block_size=4, kv_cache_bytes=4 << 20),
+        scheduler=SchedulerConfig(64, 8, num_speculative_tokens=3, speculative_max_seqs=8),
+    ),
 }
 
 
@@ -65,6 +70,9 @@ def test_greedy_equals_hf_generate_one_prompt_at_a_time(tiny_model_dir, layout, 
         )
     if layout == "preempting":
         assert eng.kv.num_blocks == 40 and eng.scheduler.num_preemptions > 0
+    if layout == "speculative":
+        s = eng.scheduler
+        assert 0 < s.num_accepted_tokens < s.num_draft_tokens, "drafts were all kept or all refused"
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
 
 
@@ -102,6 +110,54 @@ def test_seeded_sampling_is_reproducible_in_any_batch(tiny_llama_dir):
     assert mixed[-1].token_ids == alone
     other = eng.generate([prompt], SamplingParams(max_tokens=16, temperature=1.3, seed=99))[0].token_ids
     assert other != alone
+
+
+def test_speculative_decoding_ends_at_the_same_stop_strings_and_lengths(tiny_llama_dir):
+    spec = engine_for(tiny_llama_dir, **LAYOUTS["speculative"])
+    plain = engine_for(tiny_llama_dir)
+    prompts = [plain.tokenizer.encode(t) for t in TEXTS]
+    free = plain.generate(prompts, GREEDY)
+    # Stop strings from the middle of each output, and lengths that cut through guessed tokens.
+    params = [
+        SamplingParams(max_tokens=24, temperature=0.0, stop=(o.text[6:9],))
+        if len(o.text) > 12
+        else SamplingParams(max_tokens=5 + i, temperature=0.0)
+        for i, o in enumerate(free)
+    ]
+    want, got = plain.generate(prompts, params), spec.generate(prompts, params)
+    for p, w, g in zip(params, want, got):
+        assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason), p
+    assert sum(p.stop != () and w.finish_reason is FinishReason.STOP for p, w in zip(params, want)) >= 2
+    assert spec.scheduler.num_accepted_tokens > 0
+    assert spec.kv.num_free_blocks == spec.kv.num_blocks
+
+
+def test_a_stop_string_inside_kept_guesses_drops_the_tokens_after_it(tiny_llama_dir, monkeypatch):
+    """A fake model continuing "xyzxyz..." agrees with every guess, so one step gains several
+    tokens, and the stop string "zx" ends inside them."""
+    outputs = {}
+    for layout in ("roomy", "speculative"):
+        eng = engine_for(tiny_llama_dir, **LAYOUTS[layout])
+        cycle = [eng.tokenizer.convert_tokens_to_ids(c) for c in "xyz"]
+
+        def execute(out, cycle=cycle):
+            rows = {c.request: len(c.draft) + 1 for c in out.chunks if c.samples}
+            return {r.request_id: [cycle[(r.num_tokens + i) % 3] for i in range(n)] for r, n in rows.items()}
+
+        monkeypatch.setattr(eng.runner, "execute", execute)
+        req = eng.add_request(
+            [cycle[i % 3] for i in range(7)], SamplingParams(max_tokens=20, temperature=0.0, stop=("zx",))
+        )
+        steps, text = [], ""
+        while eng.has_unfinished():
+            for o in eng.step():
+                steps.append(o.token_ids)
+                text += o.text
+        outputs[layout] = (req.output_token_ids, text, req.finish_reason, steps)
+    plain, spec = outputs["roomy"], outputs["speculative"]
+    assert plain[:3] == spec[:3] == (cycle[1:] + cycle[:1], "y", FinishReason.STOP)
+    assert plain[3] == [[c] for c in cycle[1:] + cycle[:1]]  # y, z, x: one token per step
+    assert spec[3] == [cycle[1:2], cycle[2:] + cycle[:1]]  # y, then z x of the guesses z x y + z
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(tiny_llama_dir):

@@ -32,14 +32,25 @@ def explain(hf_logits: list[torch.Tensor], ref: list[int], got: list[int]) -> st
 
 
 def test_greedy_matches_hf_generate_on_smollm2(smollm2_dir, bench_messages):
-    eng = LLMEngine(
-        EngineConfig(model=str(smollm2_dir), scheduler=SchedulerConfig(128, 64)), model_dir=smollm2_dir
-    )
-    prompts = [eng.encode_chat(m) for m in bench_messages[:NUM_PROMPTS]]
-    outs = eng.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    """The plain engine, and the engine drafting n-gram guesses for every request (speculative
+    decoding is usually off above 4 running requests; here it runs at 20)."""
+    engines = {
+        "plain": SchedulerConfig(128, 64),
+        "speculative": SchedulerConfig(128, 64, num_speculative_tokens=4, speculative_max_seqs=64),
+    }
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    outputs = {}
+    for name, sched in engines.items():
+        eng = LLMEngine(EngineConfig(model=str(smollm2_dir), scheduler=sched), model_dir=smollm2_dir)
+        prompts = [eng.encode_chat(m) for m in bench_messages[:NUM_PROMPTS]]
+        outputs[name] = [o.token_ids for o in eng.generate(prompts, params)]
+        assert eng.kv.num_free_blocks == eng.kv.num_blocks
+        if name == "speculative":
+            assert eng.scheduler.num_accepted_tokens > 0.05 * NUM_PROMPTS * NEW_TOKENS  # ~12% here
+        del eng
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    divergent = []
-    for i, (p, out) in enumerate(zip(prompts, outs)):
+    divergent: dict[str, list[str]] = {name: [] for name in engines}
+    for i, p in enumerate(prompts):
         res = hf.generate(
             torch.tensor([p]),
             max_new_tokens=NEW_TOKENS,
@@ -48,11 +59,14 @@ def test_greedy_matches_hf_generate_on_smollm2(smollm2_dir, bench_messages):
             output_logits=True,
         )
         ref = res.sequences[0, len(p) :].tolist()
-        if ref != out.token_ids:
-            divergent.append(f"prompt {i}: {explain(list(res.logits), ref, out.token_ids)}")
-    identical = NUM_PROMPTS - len(divergent)
-    assert identical >= 0.95 * NUM_PROMPTS, f"{identical}/{NUM_PROMPTS} identical; " + "; ".join(divergent)
-    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+        for name, outs in outputs.items():
+            if ref != outs[i]:
+                divergent[name].append(f"prompt {i}: {explain(list(res.logits), ref, outs[i])}")
+    for name, diverged in divergent.items():
+        identical = NUM_PROMPTS - len(diverged)
+        assert identical >= 0.95 * NUM_PROMPTS, f"{name}: {identical}/{NUM_PROMPTS} identical; " + "; ".join(
+            diverged
+        )
 
 
 LORA_TOKENS = 32

@@ -33,8 +33,9 @@ def req(rid, prompt_len=5, max_tokens=4, **kw):
 def fake_step(s: Scheduler, token=7):
     """Run one step with a fake model that always emits `token`."""
     out = s.schedule()
-    sampled = {c.request.request_id: token for c in out.chunks if c.samples}
-    return out, s.update(out, sampled)
+    sampled = {c.request.request_id: [token] * (len(c.draft) + 1) for c in out.chunks if c.samples}
+    gained = s.update(out, sampled)
+    return out, [c.request for c in out.chunks if c.request.request_id in gained and c.request.finished]
 
 
 def run_all(s, max_steps=100_000):
@@ -164,7 +165,7 @@ def test_cancel_during_a_step_is_not_overwritten_by_its_results():
     s.add(r)
     out = s.schedule()
     s.finish(r, FinishReason.ABORT)
-    assert s.update(out, {"a": 7}) == []
+    assert s.update(out, {"a": [7]}) == {}
     assert r.output_token_ids == [] and r.finish_reason is FinishReason.ABORT
 
 
@@ -177,12 +178,12 @@ def test_stop_conditions():
     for r in (eos, stop_id, ctx, ign):
         s.add(r)
     out = s.schedule()
-    s.update(out, {"eos": EOS, "stop_id": 7, "ctx": 5, "ign": EOS})
+    s.update(out, {"eos": [EOS], "stop_id": [7], "ctx": [5], "ign": [EOS]})
     assert eos.finish_reason is FinishReason.STOP
     assert stop_id.finish_reason is FinishReason.STOP
     assert not ctx.finished and not ign.finished
     out = s.schedule()
-    s.update(out, {"ctx": 5, "ign": EOS})
+    s.update(out, {"ctx": [5], "ign": [EOS]})
     assert ctx.finish_reason is FinishReason.LENGTH  # 12 tokens = the context length
     run_all(s)
     assert ign.finish_reason is FinishReason.LENGTH and ign.output_token_ids == [EOS, EOS, 7]

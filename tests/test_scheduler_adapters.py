@@ -56,7 +56,7 @@ def req(adapter: str | None, max_tokens: int = 8) -> Request:
 
 def step(s: Scheduler):
     out = s.schedule()
-    s.update(out, {c.request.request_id: 7 for c in out.chunks if c.samples})
+    s.update(out, {c.request.request_id: [7] for c in out.chunks if c.samples})
     return out
 
 

@@ -452,6 +452,9 @@ async def test_metrics_expose_the_inference_gateway_gauges(start_server):
     assert (value(busy, "lorafleet_adapters_active"), value(idle, "lorafleet_adapters_active")) == (1, 0)
     assert value(idle, "lorafleet_adapters_resident", tier="gpu") >= 1
     assert value(busy, "lorafleet_adapters_waiting") == value(idle, "lorafleet_adapters_waiting") == 0
+    # The tiny engine drafts speculative tokens (tests/plugins/server.py); the model keeps some.
+    drafted = value(idle, "lorafleet_spec_decode_draft_tokens_total")
+    assert 0 < value(idle, "lorafleet_spec_decode_accepted_tokens_total") <= drafted
 
 
 async def test_metrics_count_requests_that_time_out_fail_or_lose_their_client(start_server, tiny_llm):

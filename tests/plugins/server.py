@@ -105,7 +105,10 @@ def tiny_llm(tiny_llama_dir, served_adapters) -> LLMEngine:
         model=str(tiny_llama_dir),
         max_model_len=160,
         cache=CacheConfig(block_size=4, kv_cache_bytes=1 << 20),
-        scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=MAX_NUM_SEQS),
+        # Speculative decoding on: every server test also covers multi-token steps.
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=256, max_num_seqs=MAX_NUM_SEQS, num_speculative_tokens=3
+        ),
         lora=LoRAConfig(max_loras=2, max_rank=16),
     )
     return LLMEngine(config, model_dir=tiny_llama_dir, adapters=served_adapters)

@@ -1,0 +1,40 @@
+"""Speculative decoding with n-gram drafts (prompt lookup). Pure Python: no torch.
+
+At small batches a decode step is bound by reading the weights, so running a few more token
+rows through the same pass costs little. The scheduler guesses the next tokens by finding the
+request's last few tokens earlier in its own prompt and output and proposing what followed them
+there (vLLM's `ngram` method, from "prompt lookup decoding"). The step then computes the known
+token and the guesses together, and the longest prefix of guesses that matches what the model
+itself picks is kept, plus the model's own token after it. Outputs are unchanged: only greedy
+requests are drafted for, and a guess is kept only where it equals the argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def propose(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """Up to `k` tokens that followed the most recent earlier occurrence of the last n tokens of
+    `tokens`, trying the longest n in [min_n, max_n] first; [] when nothing matches."""
+    size = len(tokens)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        tail = list(tokens[size - n :])
+        first = tail[0]
+        # Latest start first: recent context predicts best. A match must leave a token after it.
+        for i in range(size - n - 1, -1, -1):
+            if tokens[i] == first and list(tokens[i : i + n]) == tail:
+                return list(tokens[i + n : i + n + k])
+    return []
+
+
+def accept(draft: Sequence[int], verified: Sequence[int]) -> list[int]:
+    """The tokens a drafted step produces. `verified[i]` is the model's token after the known
+    tokens and draft[:i]; the drafts it agrees with are kept, then its first disagreeing token
+    (or, when every draft holds, its token after the last one)."""
+    if len(verified) != len(draft) + 1:
+        raise ValueError(f"{len(draft)} draft tokens need {len(draft) + 1} verified, got {len(verified)}")
+    kept = 0
+    while kept < len(draft) and draft[kept] == verified[kept]:
+        kept += 1
+    return list(verified[: kept + 1])
