@@ -18,13 +18,19 @@ def propose(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Up to `k` tokens that followed the most recent earlier occurrence of the last n tokens of
     `tokens`, trying the longest n in [min_n, max_n] first; [] when nothing matches."""
     size = len(tokens)
+    # Search the reversed context, so that list.index (C speed) walks from the most recent token
+    # back: a long context with no match costs ~0.1 ms, not a Python loop over every position.
+    rev = list(reversed(tokens))
     for n in range(min(max_n, size - 1), min_n - 1, -1):
-        tail = list(tokens[size - n :])
-        first = tail[0]
-        # Latest start first: recent context predicts best. A match must leave a token after it.
-        for i in range(size - n - 1, -1, -1):
-            if tokens[i] == first and list(tokens[i : i + n]) == tail:
-                return list(tokens[i + n : i + n + k])
+        tail = rev[:n]
+        j = 0  # rev[j : j + n] == tail is an occurrence that ends where tokens[size - j] follows it
+        while True:
+            try:
+                j = rev.index(tail[0], j + 1, size - n + 1)
+            except ValueError:
+                break
+            if rev[j : j + n] == tail:
+                return list(tokens[size - j : size - j + k])
     return []
 
 

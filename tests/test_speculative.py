@@ -34,6 +34,23 @@ def test_propose_finds_nothing_when_nothing_repeats():
     assert propose([1, 2, 9, 2], 4, 1, 4) == [9, 2]  # proposals stop at the end of the context
 
 
+def naive_propose(tokens, k, min_n, max_n):
+    for n in range(max_n, min_n - 1, -1):
+        for i in range(len(tokens) - n - 1, -1, -1):  # latest start first, a token must follow
+            if n < len(tokens) and tokens[i : i + n] == tokens[len(tokens) - n :]:
+                return tokens[i + n : i + n + k]
+    return []
+
+
+def test_propose_agrees_with_a_plain_scan():
+    rng = random.Random(0)
+    for _ in range(2000):
+        tokens = [rng.randrange(rng.choice([2, 5, 50])) for _ in range(rng.randrange(0, 40))]
+        k, lo = rng.randint(1, 5), rng.randint(1, 3)
+        hi = rng.randint(lo, 5)
+        assert propose(tokens, k, lo, hi) == naive_propose(tokens, k, lo, hi), (tokens, k, lo, hi)
+
+
 def test_accept_keeps_the_agreeing_prefix_and_the_models_next_token():
     assert accept([], [9]) == [9]
     assert accept([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7]
