@@ -52,8 +52,9 @@ def test_scheduler_does_not_import_torch():
     # The engine package as a whole imports torch, so check the module's own imports instead.
     import lorafleet.engine.kv_cache as kv
     import lorafleet.engine.scheduler as sched
+    import lorafleet.engine.speculative as spec
 
-    for mod in (sched, kv):
+    for mod in (sched, kv, spec):
         assert "torch" not in mod.__dict__
         source = Path(mod.__file__).read_text()
         assert "import torch" not in source
