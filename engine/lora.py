@@ -108,7 +108,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Semantics: y[i] = base(x[i]) + scale[s] * (x[i] @ A[s].T) @ B[s].T, s = slot of token i."""
-        y = self.base(x)
+        return self.add_delta(x, self.base(x))
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (this projection's base output for x, [tokens, out], contiguous) plus the LoRA
+        deltas, added in place."""
         if not self.batch.parts:
             return y
         if sgmv.supported(x, self.lora_a):  # one kernel call for every segment

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionMetadata, paged_attention, write_kv
+from .cpu_linear import project
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -98,6 +99,14 @@ def use_fused_ops(model: nn.Module) -> None:
             m.fused = True
 
 
+def use_concurrent_linears(model: nn.Module) -> None:
+    """Let small steps run each layer's q, k, v (and gate, up) projections at once, one per thread
+    (cpu_linear.project; the C++ op must be loaded)."""
+    for m in model.modules():
+        if isinstance(m, Attention | MLP):
+            m.concurrent = True
+
+
 class RMSNorm(nn.Module):
     fused = False
 
@@ -135,6 +144,7 @@ class StepInputs:
 
 class Attention(nn.Module):
     fused = False
+    concurrent = False
 
     def __init__(self, s: ModelShape) -> None:
         super().__init__()
@@ -150,9 +160,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.concurrent)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.fused:
             ops = torch.ops.lorafleet
             ops.rope_write_kv(q, k, v, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping)
@@ -166,6 +177,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     fused = False
+    concurrent = False
 
     def __init__(self, s: ModelShape) -> None:
         super().__init__()
@@ -174,11 +186,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=s.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = project(x, (self.gate_proj, self.up_proj), self.concurrent)
         if self.fused:
-            gate, up = self.gate_proj(x), self.up_proj(x)
             torch.ops.lorafleet.silu_and_mul(gate, up, gate)
             return self.down_proj(gate)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

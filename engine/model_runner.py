@@ -20,7 +20,7 @@ from .config import EngineConfig
 from .cpu_linear import pack_linears
 from .kv_cache import bytes_per_block
 from .lora import LoRABatch, LoRALinear, LoRAWeights, add_lora_slots
-from .model import CausalLM, ModelShape, StepInputs, rope_inv_freq, use_fused_ops
+from .model import CausalLM, ModelShape, StepInputs, rope_inv_freq, use_concurrent_linears, use_fused_ops
 from .request import Request
 from .sampler import sample
 from .scheduler import ScheduledChunk, SchedulerOutput
@@ -97,6 +97,8 @@ def load_model(
     pack_linears(model)  # CPU float32/bfloat16: oneDNN instead of MKL (see cpu_linear)
     if native.fused_ops(dtype, device):
         use_fused_ops(model)
+    if device.type == "cpu" and native.available():
+        use_concurrent_linears(model)
     return model, hf_config
 
 

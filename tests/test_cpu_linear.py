@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from lorafleet.engine import native
 from lorafleet.engine.config import EngineConfig, LoRAConfig
-from lorafleet.engine.cpu_linear import PackedLinear, can_pack, pack_linears
+from lorafleet.engine.cpu_linear import PackedLinear, can_pack, pack_linears, project
 from lorafleet.engine.llm_engine import LLMEngine
-from lorafleet.engine.lora import LoRALinear
+from lorafleet.engine.lora import LoRABatch, LoRALinear
 from lorafleet.engine.quant import weight_bytes
 
 pytestmark = pytest.mark.skipif(
@@ -52,6 +53,8 @@ def test_engine_model_runs_packed_projections_under_lora(tiny_llama_dir, dtype):
     packed = dtype != "float16"
     assert isinstance(layer.self_attn.q_proj, PackedLinear) is packed
     assert isinstance(model.lm_head, PackedLinear) is packed
+    # Small steps run q, k, v (and gate, up) side by side wherever the C++ ops load.
+    assert layer.self_attn.concurrent is layer.mlp.concurrent is native.available()
     # A tied LM head is packed as a copy; the embedding keeps the dense table it looks rows up in.
     assert not model.model.embed_tokens.weight.is_mkldnn
     assert weight_bytes(model) > 0
@@ -59,3 +62,36 @@ def test_engine_model_runs_packed_projections_under_lora(tiny_llama_dir, dtype):
     lora_model = model_of(LoRAConfig(max_loras=2, max_rank=4))
     wrapped = lora_model.model.decoder_layers()[0].mlp.down_proj
     assert isinstance(wrapped, LoRALinear) and isinstance(wrapped.base, PackedLinear) is packed
+
+
+@pytest.mark.skipif(not native.available(), reason="the C++ ops are not built (no compiler)")
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9])
+def test_project_runs_projections_side_by_side_with_their_lora_deltas(rows):
+    torch.manual_seed(0)
+    q, k = nn.Linear(64, 96, bias=True), nn.Linear(64, 32, bias=False)
+    batch = LoRABatch()
+    lora = LoRALinear(PackedLinear(k), batch, num_slots=2, max_rank=4, dtype=torch.float32)
+    lora.set_lora(1, torch.randn(4, 64), torch.randn(32, 4), scale=0.5)
+    batch.set([(1, 0, (rows + 1) // 2)], rows)  # the first rows use the adapter in slot 1
+    layers = (PackedLinear(q), lora)
+    x = torch.randn(rows, 64)
+    with torch.inference_mode():
+        want = [layer(x) for layer in layers]
+        got = project(x, layers, concurrent=True)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.is_contiguous()
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    delta = (x[: (rows + 1) // 2] @ lora.lora_a[1, :4].T) @ lora.lora_b[1, :4] * 0.5
+    torch.testing.assert_close(
+        got[1][: (rows + 1) // 2], k(x[: (rows + 1) // 2]) + delta, rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.skipif(not native.available(), reason="the C++ ops are not built (no compiler)")
+def test_concurrent_linears_report_a_bad_layer_instead_of_crashing():
+    x = torch.randn(4, 64)
+    good, bad = PackedLinear(nn.Linear(64, 8)), PackedLinear(nn.Linear(32, 8))  # bad: wrong width
+    with pytest.raises(RuntimeError):
+        torch.ops.lorafleet.linears(x, [good.weight, bad.weight], [good.bias, bad.bias])
+    (y,) = torch.ops.lorafleet.linears(x, [good.weight], [good.bias])  # the op still works
+    torch.testing.assert_close(y, good(x))
