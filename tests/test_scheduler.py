@@ -16,11 +16,12 @@ from lorafleet.engine.scheduler import Scheduler
 EOS = 0
 
 
-def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, mode="continuous", max_len=256):
+def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, mode="continuous", max_len=256, spec=0):
     kv = KVCacheManager(num_blocks, block_size)
     cfg = SchedulerConfig(
-        max_num_batched_tokens=budget, max_num_seqs=max_seqs, mode=mode, admission_watermark=0
-    )
+        max_num_batched_tokens=budget, max_num_seqs=max_seqs, mode=mode, admission_watermark=0,
+        num_speculative_tokens=spec, speculative_max_seqs=max_seqs,
+    )  # fmt: skip
     return Scheduler(cfg, kv, max_model_len=max_len, eos_token_ids=[EOS])
 
 
@@ -198,10 +199,17 @@ def test_an_empty_batch_may_use_every_block_despite_the_watermark():
     assert len(out.chunks) == 1 and kv.num_free_blocks == 0
 
 
+@pytest.mark.parametrize("spec", [0, 3])  # 3: greedy decodes carry n-gram drafts, some kept
 @pytest.mark.parametrize("seed", range(5))
-def test_thousands_of_requests_with_random_cancels_leave_every_block_free(seed):
+def test_thousands_of_requests_with_random_cancels_leave_every_block_free(seed, spec):
     rng = random.Random(seed)
-    s = make(num_blocks=40, block_size=4, budget=rng.choice([4, 16, 64]), max_seqs=rng.choice([2, 8, 32]))
+    s = make(
+        num_blocks=40,
+        block_size=4,
+        budget=rng.choice([4, 16, 64]),
+        max_seqs=rng.choice([2, 8, 32]),
+        spec=spec,
+    )
     live: list[Request] = []
     for i in range(2000):
         r = req(f"r{i}", prompt_len=rng.randint(1, 40), max_tokens=rng.randint(1, 30))
@@ -218,6 +226,7 @@ def test_thousands_of_requests_with_random_cancels_leave_every_block_free(seed):
     run_all(s)
     assert s.kv.num_free_blocks == s.kv.num_blocks
     assert s.kv.usage == 0.0
+    assert (s.num_accepted_tokens > 0) is (spec > 0)
 
 
 def test_kv_allocate_is_all_or_nothing():

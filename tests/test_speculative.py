@@ -196,25 +196,3 @@ def test_a_draft_never_preempts_anyone():
     assert propose(reqs[0].all_token_ids, 4, 1, 4)  # there was something to guess
     s.update(out, verify(out))
     assert [len(r.output_token_ids) for r in reqs] == [2, 2]
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_random_cancels_with_drafts_leave_every_block_free(seed):
-    rng = random.Random(seed)
-    s = make(num_blocks=40, block_size=4, budget=rng.choice([4, 16, 64]), spec=rng.choice([1, 3, 8]))
-    live: list[Request] = []
-    for i in range(1000):
-        r = greedy(f"r{i}", [rng.randint(1, 6) for _ in range(rng.randint(1, 30))], rng.randint(1, 30))
-        s.add(r)
-        live.append(r)
-        if rng.random() < 0.5:
-            out = s.schedule()
-            s.update(out, verify(out))
-        if rng.random() < 0.3:
-            s.finish(rng.choice(live), FinishReason.ABORT)
-        live = [x for x in live if not x.finished]
-        owned = sum(len(s.kv.block_table(x.request_id)) for x in s.running)
-        assert owned + s.kv.num_free_blocks == s.kv.num_blocks
-    run(s, [])
-    assert s.kv.num_free_blocks == s.kv.num_blocks
-    assert s.num_draft_tokens > 0
