@@ -74,6 +74,14 @@ def _add_throughput(kinds: argparse._SubParsersAction) -> None:
         metavar="S",
         help="time budget of each machine matmul FLOP/s measurement (default 1.0)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="R",
+        help="run every system R times, interleaved; each reports its median round by tok/s, and the "
+        "JSON lists every round (default 1). Use 5 or more for --requests 1, where one run varies most",
+    )
 
 
 def _add_quant(kinds: argparse._SubParsersAction) -> None:
@@ -166,6 +174,7 @@ def _run_throughput(args: argparse.Namespace) -> int:
         systems=args.systems or DEFAULT_SYSTEMS,
         prompts_path=args.prompts,
         matmul_seconds=args.matmul_seconds,
+        rounds=args.rounds,
     )
     payload = run_throughput(config)
     save_throughput(payload, args.json, args.plot)

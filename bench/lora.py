@@ -41,7 +41,7 @@ from .lora_adapters import PublishedAdapters, adapter_id, publish_adapters, zipf
 from .lora_cold import LOAD_TIMEOUT_S, cold_adapter_names, measure_cold_loads
 from .lora_fairness import FAIRNESS_ADAPTERS, FairnessResult, measure_fairness
 from .report import THROUGHPUT_PANELS, plot_bars, write_json
-from .stats import RequestTiming, SystemRun
+from .stats import RequestTiming, SystemRun, median_run
 from .throughput import prepare_workload
 
 log = logging.getLogger(__name__)
@@ -202,11 +202,6 @@ def run_systems(bench: Bench, prompts: list[list[int]], pad: int) -> dict[str, l
         log.info("%s: %s", name, run.summary())
         gc.collect()  # the previous system's engine, KV cache and adapters go before the next one
     return runs
-
-
-def median_run(runs: Sequence[SystemRun]) -> SystemRun:
-    """The run with the median throughput (the lower middle one of an even count)."""
-    return sorted(runs, key=lambda r: r.summary().tok_s)[(len(runs) - 1) // 2]
 
 
 def run_lorafleet(bench: Bench, prompts: list[list[int]], adapters: list[str | None]) -> SystemRun:

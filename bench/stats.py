@@ -52,6 +52,11 @@ class SystemRun:
         return summarize(self.timings, self.seconds)
 
 
+def median_run(runs: Sequence[SystemRun]) -> SystemRun:
+    """The run with the median throughput (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r.summary().tok_s)[(len(runs) - 1) // 2]
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
     if not values:

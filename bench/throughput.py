@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ from .engine_system import LoRAFleetSystem
 from .hf_baselines import STATIC_BATCH_SIZE, load_hf_model, run_hf_continuous, run_hf_static
 from .machine import describe_machine
 from .report import THROUGHPUT_PANELS, plot_bars, write_json
-from .stats import SystemRun
+from .stats import SystemRun, median_run
 from .workload import chat_prompts, default_prompts_path, load_messages
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,11 @@ class ThroughputConfig:
     systems: tuple[str, ...] = DEFAULT_SYSTEMS
     prompts_path: Path | None = None  # default: the shared workload file
     matmul_seconds: float = 1.0  # time budget of each machine matmul measurement
+    rounds: int = 1  # runs of each system, interleaved; each reports its median round
 
     def __post_init__(self) -> None:
-        if self.requests < 1 or self.max_new_tokens < 1:
-            raise ValueError("--requests and --max-new-tokens must be at least 1")
+        if min(self.requests, self.max_new_tokens, self.rounds) < 1:
+            raise ValueError("--requests, --max-new-tokens and --rounds must be at least 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         unknown = [s for s in self.systems if s not in SYSTEMS]
@@ -79,23 +81,31 @@ def num_parameters(model_dir: Path) -> int:
 
 def run_systems(
     config: ThroughputConfig, prompts: list[list[int]], eos: list[int], pad: int
-) -> dict[str, SystemRun]:
-    """Each system in turn: built, warmed up on two short requests, then timed on the workload."""
-    runs: dict[str, SystemRun] = {}
+) -> dict[str, list[SystemRun]]:
+    """Each system built, warmed up on two short requests, then timed on the workload, once per
+    round. Rounds are interleaved (a, b, a, b), so the machine's drift over minutes reaches every
+    system alike; with one round, each system is dropped before the next is built."""
+    runs: dict[str, list[SystemRun]] = {name: [] for name in config.systems}
+    runners: dict[str, Callable[[list[list[int]], int], SystemRun]] = {}
     hf_model = None
-    for name in config.systems:
-        if name in ENGINE_SYSTEMS:
-            runner = LoRAFleetSystem(config.model_dir, config.dtype, *ENGINE_SYSTEMS[name]).run
-        else:
-            if hf_model is None:
-                hf_model = load_hf_model(config.model_dir, getattr(torch, config.dtype))
-            run = run_hf_static if name == "hf_static" else run_hf_continuous
-            runner = partial(run, hf_model, eos_token_ids=eos, pad_token_id=pad)
-        runner(prompts[:2], 2)
-        log.info("%s: %d requests, up to %d new tokens each", name, len(prompts), config.max_new_tokens)
-        runs[name] = runner(prompts, config.max_new_tokens)
-        log.info("%s: %s", name, runs[name].summary())
-        del runner  # drops the engine and its KV cache before the next system is built
+    for _ in range(config.rounds):
+        for name in config.systems:
+            runner = runners.get(name)
+            if runner is None:
+                if name in ENGINE_SYSTEMS:
+                    runner = LoRAFleetSystem(config.model_dir, config.dtype, *ENGINE_SYSTEMS[name]).run
+                else:
+                    if hf_model is None:
+                        hf_model = load_hf_model(config.model_dir, getattr(torch, config.dtype))
+                    run = run_hf_static if name == "hf_static" else run_hf_continuous
+                    runner = partial(run, hf_model, eos_token_ids=eos, pad_token_id=pad)
+                runner(prompts[:2], 2)
+                if config.rounds > 1:
+                    runners[name] = runner
+            log.info("%s: %d requests, up to %d new tokens each", name, len(prompts), config.max_new_tokens)
+            runs[name].append(runner(prompts, config.max_new_tokens))
+            log.info("%s: %s", name, runs[name][-1].summary())
+            del runner  # with one round: drops the engine and its KV cache before the next is built
     return runs
 
 
@@ -139,7 +149,8 @@ def run_throughput(config: ThroughputConfig) -> dict[str, Any]:
     prompts_path, prompts, eos, pad, machine = w.prompts_path, w.prompts, w.eos, w.pad, w.machine
     params = num_parameters(config.model_dir)
 
-    runs = run_systems(config, prompts, eos, pad)
+    rounds = run_systems(config, prompts, eos, pad)
+    runs = {name: median_run(rs) for name, rs in rounds.items()}
     results = {name: run.summary().as_dict() for name, run in runs.items()}
     roofline_tok_s = machine["matmul_flops_model_shaped"] / (2 * params)
     reference = "hf_static" if "hf_static" in runs else next(iter(runs))
@@ -161,6 +172,12 @@ def run_throughput(config: ThroughputConfig) -> dict[str, Any]:
             "eos_token_ids": eos,
             "hf_static_batch_size": STATIC_BATCH_SIZE,
             "ttft_method": TTFT_METHOD,
+            "rounds": config.rounds,
+        },
+        # Every round's tok/s and TPOT p50; `results` holds each system's median round (by tok/s).
+        "rounds": {
+            name: [{k: r.summary().as_dict()[k] for k in ("tok_s", "tpot_p50_s")} for r in rs]
+            for name, rs in rounds.items()
         },
         "agreement": {"reference": reference, "identical_fraction": identical_fraction(runs, reference)},
     }

@@ -91,3 +91,20 @@ def test_throughput_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert report["config"]["requests"] == 4 and report["config"]["max_new_tokens"] == 8
 
     assert png_path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_throughput_rounds_report_the_median_round(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    json_path = tmp_path / "rounds.json"
+    argv = ["throughput", "--requests", "1", "--max-new-tokens", "8", "--model", str(tiny_llama_dir)]
+    argv += ["--json", str(json_path), "--matmul-seconds", "0.05", "--rounds", "3"]
+    argv += ["--systems", "lorafleet,lorafleet_ngram"]
+    assert main(argv) == 0
+
+    report = json.loads(json_path.read_text())
+    assert report["config"]["rounds"] == 3
+    for name in ("lorafleet", "lorafleet_ngram"):
+        rounds = report["rounds"][name]
+        assert len(rounds) == 3 and all(r["tok_s"] > 0 for r in rounds)
+        median = sorted(rounds, key=lambda r: r["tok_s"])[1]
+        assert report["results"][name]["tok_s"] == median["tok_s"]
+        assert report["results"][name]["tpot_p50_s"] == median["tpot_p50_s"]

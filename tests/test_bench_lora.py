@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from lorafleet.bench.cli import main
-from lorafleet.bench.lora import LoRABenchConfig, median_run
+from lorafleet.bench.lora import LoRABenchConfig
 from lorafleet.bench.lora_adapters import zipf_choices
 from lorafleet.bench.lora_fairness import FairnessResult
-from lorafleet.bench.stats import RequestTiming, SystemRun
+from lorafleet.bench.stats import RequestTiming, SystemRun, median_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SYSTEMS = ["base", "lorafleet_1", "lorafleet_3", "peft_mixed"]
