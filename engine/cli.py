@@ -45,8 +45,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "--num-speculative-tokens",
         type=int,
         default=0,
-        help="speculative decoding: guess up to this many next tokens of greedy requests from n-grams of "
-        "their own context and verify them in one pass; lowers latency at small batches (default 0: off)",
+        help="speculative decoding: guess up to this many next tokens of each request (not of seeded ones) "
+        "from n-grams of its own context and verify them in one pass; outputs keep their distribution; "
+        "lowers latency at small batches (default 0: off)",
     )
     g.add_argument(
         "--speculative-max-seqs",

@@ -41,7 +41,7 @@ class SchedulerConfig:
     # grow for a while without being preempted right after a new one is admitted.
     admission_watermark: float = 0.01
     # Speculative decoding with n-gram drafts (see speculative.py): up to this many guessed tokens
-    # per greedy request and step; 0 turns it off. Guesses come from the last prompt_lookup_max
+    # per request (greedy, or sampled without a seed) and step; 0 turns it off. Guesses come from the last prompt_lookup_max
     # down to prompt_lookup_min tokens found earlier in the request. Drafting stops while more than
     # speculative_max_seqs requests run: wide steps are bound by compute, not by reading weights,
     # so guesses there cost their full price (vLLM's disable_by_batch_size).

@@ -172,7 +172,8 @@ class ModelRunner:
             return {}
         logits = self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=self.device)))
         rows = [c.request for c in sampling for _ in range(len(c.draft) + 1)]
-        tokens = sample(logits.cpu(), [r.params for r in rows], [self._generator(r) for r in rows])
+        drafts: list[int | None] = [d for c in sampling for d in [*c.draft, None]]
+        tokens = sample(logits.cpu(), [r.params for r in rows], [self._generator(r) for r in rows], drafts)
         picked: dict[str, list[int]] = {}
         for r, t in zip(rows, tokens):
             picked.setdefault(r.request_id, []).append(t)

@@ -328,10 +328,12 @@ class Scheduler:
         return ScheduledChunk(req, start, n, self.kv.block_table(req.request_id), samples, slot, draft)
 
     def _draft(self, req: Request, budget: int) -> list[int]:
-        """Guesses of a greedy request's next tokens, never past its max_tokens, the context
-        length or the step's token budget."""
-        if not req.params.greedy:
-            return []  # a guess is checked against the argmax, so a sampled token cannot verify it
+        """Guesses of a request's next tokens, never past its max_tokens, the context length or
+        the step's token budget."""
+        if not req.params.greedy and req.params.seed is not None:
+            # A seeded request gives the same tokens in any batch, and whether drafts run depends
+            # on the batch; verifying one consumes random numbers a plain step would not.
+            return []
         cfg = self.config
         room = min(
             cfg.num_speculative_tokens,

@@ -5,8 +5,11 @@ rows through the same pass costs little. The scheduler guesses the next tokens b
 request's last few tokens earlier in its own prompt and output and proposing what followed them
 there (vLLM's `ngram` method, from "prompt lookup decoding"). The step then computes the known
 token and the guesses together, and the longest prefix of guesses that matches what the model
-itself picks is kept, plus the model's own token after it. Outputs are unchanged: only greedy
-requests are drafted for, and a guess is kept only where it equals the argmax.
+itself picks is kept, plus the model's own token after it. Outputs are unchanged:
+- greedy requests keep a guess only where it equals the argmax, so they get the same tokens;
+- sampled requests keep a guess d with probability p(d) and otherwise draw from p without d
+  (sampler.py), so their tokens follow the same distribution. Seeded requests are not drafted
+  for: they promise the same tokens in any batch, and drafting depends on the batch.
 """
 
 from __future__ import annotations

@@ -160,6 +160,15 @@ def test_a_stop_string_inside_kept_guesses_drops_the_tokens_after_it(tiny_llama_
     assert spec[3] == [cycle[1:2], cycle[2:] + cycle[:1]]  # y, then z x of the guesses z x y + z
 
 
+def test_sampled_requests_verify_drafts_and_finish_cleanly(tiny_llama_dir):
+    eng = engine_for(tiny_llama_dir, **LAYOUTS["speculative"])
+    prompts = [eng.tokenizer.encode(t) for t in TEXTS]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=24, temperature=0.3, ignore_eos=True))
+    assert all(len(o.token_ids) == 24 and o.finish_reason is FinishReason.LENGTH for o in outs)
+    assert 0 < eng.scheduler.num_accepted_tokens < eng.scheduler.num_draft_tokens
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(tiny_llama_dir):
     eng = engine_for(tiny_llama_dir)
     prompts = [eng.tokenizer.encode(t) for t in TEXTS]

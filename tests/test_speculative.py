@@ -167,14 +167,18 @@ def test_rejected_guesses_leave_the_request_where_the_model_is():
     assert (s.num_draft_tokens, s.num_accepted_tokens) == (4, 2)
 
 
-def test_no_drafts_for_sampled_requests_or_wide_batches():
-    s = make(spec=3, spec_seqs=2)
-    sampled = Request("t", [1, 2, 1, 2, 1], SamplingParams(max_tokens=20, temperature=0.8, seed=1))
-    s.add(sampled)
-    for _ in range(5):
-        out = s.schedule()
-        assert all(not c.draft for c in out.chunks)
-        s.update(out, {c.request.request_id: [1] for c in out.chunks if c.samples})
+def test_drafts_for_sampled_requests_but_not_seeded_ones_or_wide_batches():
+    drafted = {}
+    for seed in (None, 1):
+        s = make(spec=3, spec_seqs=2)
+        r = Request("t", [1, 2, 1, 2, 1], SamplingParams(max_tokens=20, temperature=0.8, seed=seed))
+        s.add(r)
+        drafted[seed] = 0
+        for _ in range(5):
+            out = s.schedule()
+            drafted[seed] += sum(len(c.draft) for c in out.chunks)
+            s.update(out, {c.request.request_id: [1] * (len(c.draft) + 1) for c in out.chunks if c.samples})
+    assert drafted[None] > 0 and drafted[1] == 0
     wide = make(spec=3, spec_seqs=2, max_seqs=8)
     reqs = [greedy(f"r{i}", [1, 2, 1, 2, 1], 30) for i in range(3)]
     for out in run(wide, reqs):
