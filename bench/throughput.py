@@ -176,7 +176,9 @@ def run_throughput(config: ThroughputConfig) -> dict[str, Any]:
         },
         # Every round's tok/s and TPOT p50; `results` holds each system's median round (by tok/s).
         "rounds": {
-            name: [{k: r.summary().as_dict()[k] for k in ("tok_s", "tpot_p50_s")} for r in rs]
+            name: [
+                {k: v for k, v in r.summary().as_dict().items() if k in ("tok_s", "tpot_p50_s")} for r in rs
+            ]
             for name, rs in rounds.items()
         },
         "agreement": {"reference": reference, "identical_fraction": identical_fraction(runs, reference)},

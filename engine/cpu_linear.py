@@ -56,11 +56,14 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN packed"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if rows >= MIN_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        padded = F.pad(x, (0, 0, 0, MIN_ROWS - rows))
-        return torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, "none", [], "")[:rows]
+        y = torch.ops.mkldnn._linear_pointwise(pad_rows(x), self.weight, self.bias, "none", [], "")
+        return y if x.shape[0] >= MIN_ROWS else y[: x.shape[0]]
+
+
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with zero rows appended up to MIN_ROWS (see above); the caller keeps the first rows."""
+    rows = x.shape[0]
+    return F.pad(x, (0, 0, 0, MIN_ROWS - rows)) if rows < MIN_ROWS else x
 
 
 def project(x: torch.Tensor, layers: tuple[nn.Module, ...], concurrent: bool) -> list[torch.Tensor]:
@@ -70,8 +73,7 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...], concurrent: bool) ->
     rows = x.shape[0]
     if not concurrent or rows > CONCURRENT_ROWS or any(type(b) is not PackedLinear for b in bases):
         return [layer(x) for layer in layers]
-    padded = F.pad(x, (0, 0, 0, MIN_ROWS - rows)) if rows < MIN_ROWS else x
-    ys = torch.ops.lorafleet.linears(padded, [b.weight for b in bases], [b.bias for b in bases])
+    ys = torch.ops.lorafleet.linears(pad_rows(x), [b.weight for b in bases], [b.bias for b in bases])
     return [
         y[:rows] if layer is base else layer.add_delta(x, y[:rows])  # type: ignore[operator]
         for layer, base, y in zip(layers, bases, ys)
