@@ -13,7 +13,7 @@ import pytest
 
 from lorafleet.bench.cli import main
 from lorafleet.bench.stats import RequestTiming, percentile, summarize
-from lorafleet.bench.throughput import SYSTEMS
+from lorafleet.bench.throughput import SYSTEMS, ThroughputConfig
 from lorafleet.bench.workload import SHIPPED_PROMPTS, default_prompts_path, load_messages
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -108,3 +108,8 @@ def test_throughput_rounds_report_the_median_round(tiny_llama_dir: Path, tmp_pat
         median = sorted(rounds, key=lambda r: r["tok_s"])[1]
         assert report["results"][name]["tok_s"] == median["tok_s"]
         assert report["results"][name]["tpot_p50_s"] == median["tpot_p50_s"]
+
+
+def test_throughput_refuses_zero_rounds(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ValueError, match="--rounds"):
+        ThroughputConfig(model_dir=tiny_llama_dir, rounds=0)

@@ -279,6 +279,14 @@ def test_engine_config_is_validated():
         CacheConfig(block_size=12)
     with pytest.raises(ValueError, match="mode"):
         SchedulerConfig(mode="eager")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SchedulerConfig(num_speculative_tokens=-1)
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SchedulerConfig(num_speculative_tokens=17)
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        SchedulerConfig(prompt_lookup_min=3, prompt_lookup_max=2)
+    with pytest.raises(ValueError, match="speculative_max_seqs"):
+        SchedulerConfig(speculative_max_seqs=0)
 
 
 def test_kv_budget_too_small_for_one_sequence_is_a_clear_error(tiny_llama_dir):
