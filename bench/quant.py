@@ -6,6 +6,8 @@ format in turn one engine is built (not timed; a quantized checkpoint is cached,
 skip quantizing) and measured:
 
 - weight_bytes: the model's parameters and buffers; KV cache and LoRA slots are not weights.
+  Every format holds its weights once here: float32's second copy for small steps (EngineConfig.
+  small_step_weights, a speed-for-memory trade of any float32 engine) is off.
 - tok_s: N chat prompts submitted at once, greedy, M new tokens each (no EOS stop), wall clock.
 - agreement: teacher-forced greedy agreement with float32. float32's greedy continuation of each
   prompt is fed to the format in one prefill, and a position agrees when the format's argmax is
@@ -138,6 +140,7 @@ def build_engine(config: QuantBenchConfig, fmt: str) -> LLMEngine:
         quantization=quantization,
         quantized_cache_dir=str(config.quantized_cache_dir) if config.quantized_cache_dir else None,
         max_model_len=4096,
+        small_step_weights=False,  # see weight_bytes above
         cache=CacheConfig(kv_cache_bytes=256 << 20),
         scheduler=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64),
     )

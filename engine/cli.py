@@ -55,6 +55,13 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         default=4,
         help="guess only while at most this many requests run; wider steps are bound by compute (default 4)",
     )
+    g.add_argument(
+        "--no-small-step-weights",
+        dest="small_step_weights",
+        action="store_false",
+        help="float32 on AVX-512 CPUs: keep no second copy of the weights for steps of at most 8 tokens "
+        "(saves the linear weights' size in memory; batch-1 decoding is then ~1.5x slower)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for requests without their own (default 0)")
 
 
@@ -70,6 +77,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         quantization=args.quantization,
         quantized_cache_dir=quantized_cache_dir,
         max_model_len=args.max_model_len,
+        small_step_weights=args.small_step_weights,
         seed=args.seed,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_mib * MiB),
         scheduler=SchedulerConfig(

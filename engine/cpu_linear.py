@@ -11,6 +11,11 @@ or two rows read the weights ~15-20% slower than its kernel for four, on that CP
 pass in float32: 26.4 ms at one row, 21.7 at four; bfloat16 17.4 vs 14.8), and at that size the
 extra rows cost no memory traffic. This is what sets single-request decoding speed.
 
+Steps of at most GEMV_ROWS tokens in float32 run csrc/gemv.cpp instead where it runs (AVX-512, the
+C++ ops loaded) and the engine asks for it: it reads a second copy of each weight, laid out in
+panels of 16 output features, at ~26-34 GB/s where oneDNN's few-row kernels manage ~15-22, so a
+batch-1 SmolLM2 step runs ~1.5x faster, for the linear weights' size again in memory.
+
 Only float32 and bfloat16 are packed; float16 needs AVX512-FP16, and other devices keep nn.Linear.
 """
 
@@ -36,6 +41,7 @@ MIN_ROWS = 4  # fewer rows are padded up to this (see above)
 # thread (csrc/linears.cpp): q, k and v read ~30% faster so, gate and up a few percent. Wider
 # steps are bound by compute, where oneDNN's own threading is the better split.
 CONCURRENT_ROWS = 8
+GEMV_ROWS = 8  # csrc/gemv.cpp's limit; at 12-16 rows oneDNN reads as fast
 
 
 class PackedLinear(nn.Module):
@@ -43,7 +49,9 @@ class PackedLinear(nn.Module):
 
     weight: torch.Tensor
 
-    def __init__(self, linear: nn.Linear) -> None:
+    panels: torch.Tensor | None
+
+    def __init__(self, linear: nn.Linear, panels: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = linear.out_features, linear.in_features
         w = linear.weight.detach()
@@ -51,13 +59,23 @@ class PackedLinear(nn.Module):
             "weight", torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT), persistent=False
         )
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+        self.register_buffer("panels", gemv_panels(w) if panels else None, persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN packed"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.panels is not None and x.shape[0] <= GEMV_ROWS:
+            return torch.ops.lorafleet.gemv(x, [self.panels], [self.bias], [self.out_features])[0]
         y = torch.ops.mkldnn._linear_pointwise(pad_rows(x), self.weight, self.bias, "none", [], "")
         return y if x.shape[0] >= MIN_ROWS else y[: x.shape[0]]
+
+
+def gemv_panels(w: torch.Tensor) -> torch.Tensor:
+    """A float32 weight [N, K] as csrc/gemv.cpp reads it: [ceil(N / 16), K, 16], panel p holding
+    outputs 16p to 16p + 15 (zero rows pad the last one)."""
+    n, k = w.shape
+    return F.pad(w.float(), (0, 0, 0, -n % 16)).view(-1, 16, k).transpose(1, 2).contiguous()
 
 
 def pad_rows(x: torch.Tensor) -> torch.Tensor:
@@ -67,31 +85,44 @@ def pad_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def project(x: torch.Tensor, layers: tuple[nn.Module, ...], concurrent: bool) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers]. With `concurrent` (the C++ op is loaded) and a small step,
-    PackedLinear layers, bare or under LoRA (a `base` and `add_delta(x, y)`), run at once."""
+    """[layer(x) for layer in layers], PackedLinear layers (bare or under LoRA: a `base` and
+    `add_delta(x, y)`) of a small step in one C++ call: csrc/gemv.cpp where they have panels, else,
+    with `concurrent` (the C++ ops are loaded), oneDNN's linears side by side."""
     bases = [getattr(layer, "base", layer) for layer in layers]
     rows = x.shape[0]
-    if not concurrent or rows > CONCURRENT_ROWS or any(type(b) is not PackedLinear for b in bases):
+    if any(type(b) is not PackedLinear for b in bases):
         return [layer(x) for layer in layers]
-    ys = torch.ops.lorafleet.linears(pad_rows(x), [b.weight for b in bases], [b.bias for b in bases])
-    return [
-        y[:rows] if layer is base else layer.add_delta(x, y[:rows])  # type: ignore[operator]
-        for layer, base, y in zip(layers, bases, ys)
-    ]
+    if rows <= GEMV_ROWS and all(b.panels is not None for b in bases):
+        ys = torch.ops.lorafleet.gemv(
+            x, [b.panels for b in bases], [b.bias for b in bases], [b.out_features for b in bases]
+        )
+    elif concurrent and rows <= CONCURRENT_ROWS:
+        ys = [
+            y[:rows]
+            for y in torch.ops.lorafleet.linears(
+                pad_rows(x), [b.weight for b in bases], [b.bias for b in bases]
+            )
+        ]
+    else:
+        return [layer(x) for layer in layers]
+    return [y if layer is base else layer.add_delta(x, y) for layer, base, y in zip(layers, bases, ys)]  # type: ignore[operator]
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available()
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, panels: bool = False) -> int:
     """Swap every nn.Linear of `model` (on CPU, float32 or bfloat16) for a PackedLinear whose
-    output matches it to float rounding; return how many were swapped. A tied LM head gets its
-    own packed copy, as the embedding lookup still reads the dense table."""
+    output matches it to float rounding; return how many were swapped. With `panels`, float32
+    layers also keep csrc/gemv.cpp's copy (the caller checks that the op runs). A tied LM head
+    gets its own packed copy, as the embedding lookup still reads the dense table."""
     swapped = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and can_pack(child.weight.device, child.weight.dtype):
-                setattr(module, child_name, PackedLinear(child))
+                setattr(
+                    module, child_name, PackedLinear(child, panels and child.weight.dtype == torch.float32)
+                )
                 swapped += 1
     return swapped

@@ -21,6 +21,7 @@ from .cpu_linear import pack_linears
 from .kv_cache import bytes_per_block
 from .lora import LoRABatch, LoRALinear, LoRAWeights, add_lora_slots
 from .model import CausalLM, ModelShape, StepInputs, rope_inv_freq, use_concurrent_linears, use_fused_ops
+from .quant import weight_bytes
 from .request import Request
 from .sampler import sample
 from .scheduler import ScheduledChunk, SchedulerOutput
@@ -69,8 +70,10 @@ def load_model(
     device: torch.device,
     quantization: str | None = None,
     quantized_cache_dir: Path | None = None,
+    small_step_weights: bool = True,
 ) -> tuple[CausalLM, object]:
-    """Build the model from a HF directory's config.json and *.safetensors (never pickle)."""
+    """Build the model from a HF directory's config.json and *.safetensors (never pickle).
+    `small_step_weights`: see EngineConfig."""
     hf_config = AutoConfig.from_pretrained(model_dir)
     shape = ModelShape.from_hf(hf_config)
     inv_freq, rope_scaling = rope_inv_freq(hf_config)
@@ -94,8 +97,9 @@ def load_model(
     model.load_state_dict(state, assign=True)
     model.inv_freq = inv_freq.to(device)
     model = model.to(device).eval()
-    pack_linears(model)  # CPU float32/bfloat16: oneDNN instead of MKL (see cpu_linear)
-    if native.fused_ops(dtype, device):
+    fused = native.fused_ops(dtype, device)
+    pack_linears(model, panels=small_step_weights and fused)  # CPU float32/bfloat16: see cpu_linear
+    if fused:
         use_fused_ops(model)
     if device.type == "cpu" and native.available():
         use_concurrent_linears(model)
@@ -108,7 +112,7 @@ class ModelRunner:
         self.dtype = TORCH_DTYPES[config.dtype]
         cache = Path(config.quantized_cache_dir) if config.quantized_cache_dir else None
         self.model, self.hf_config = load_model(
-            model_dir, self.dtype, self.device, config.quantization, cache
+            model_dir, self.dtype, self.device, config.quantization, cache, config.small_step_weights
         )
         s = self.model.shape
         self.shape = s
@@ -143,10 +147,10 @@ class ModelRunner:
         self.default_generator = torch.Generator().manual_seed(config.seed)
         self._generators: dict[str, torch.Generator] = {}
         log.info(
-            "model %s: %d layers, %s%s, KV cache %d blocks x %d tokens (%.0f MiB), %s decode attention",
+            "model %s: %d layers, %s%s, weights %.0f MiB, KV cache %d blocks x %d tokens (%.0f MiB), %s decode attention",
             s.model_type, s.num_layers, config.dtype,
-            f" ({config.quantization} weights)" if config.quantization else "", self.num_blocks, self.block_size,
-            self.num_blocks * per_block / 2**20, "C++" if self.native_decode else "torch",
+            f" ({config.quantization} weights)" if config.quantization else "", weight_bytes(self.model) / 2**20,
+            self.num_blocks, self.block_size, self.num_blocks * per_block / 2**20, "C++" if self.native_decode else "torch",
         )  # fmt: skip
 
     # -- per step -------------------------------------------------------------------------------
