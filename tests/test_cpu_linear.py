@@ -63,6 +63,20 @@ def test_engine_model_runs_packed_projections_under_lora(tiny_llama_dir, dtype):
     panels = dtype == "float32" and native.fused_ops(torch.float32, torch.device("cpu"))
     assert (getattr(layer.self_attn.q_proj, "panels", None) is not None) is panels
     assert (getattr(model.lm_head, "panels", None) is not None) is panels
+    if panels:  # back to back in one buffer, in the order a step reads them
+        starts = [m.panels.data_ptr() for m in model.modules() if isinstance(m, PackedLinear)]
+        ends = [m.panels.data_ptr() + m.panels.nbytes for m in model.modules() if isinstance(m, PackedLinear)]
+        assert starts[1:] == ends[:-1]
+        assert (
+            len(
+                {
+                    m.panels.untyped_storage().data_ptr()
+                    for m in model.modules()
+                    if isinstance(m, PackedLinear)
+                }
+            )
+            == 1
+        )
 
     lora_model = model_of(LoRAConfig(max_loras=2, max_rank=4))
     wrapped = lora_model.model.decoder_layers()[0].mlp.down_proj
