@@ -174,7 +174,7 @@ def parse_basemodel(body: Mapping[str, Any]) -> BaseModel:
             extra_args=tuple(spec.get("extraArgs") or ()),
             replicas=int(spec.get("replicas", 1)),
             gpus=int(resources.get("gpus", 0)),
-            memory=str(resources.get("memory", "4Gi")),
+            memory=str(resources.get("memory", "5Gi")),
             cpu=str(resources.get("cpu", "1")),
             node_selector=dict(spec.get("nodeSelector") or {}),
             tolerations=list(spec.get("tolerations") or []),
