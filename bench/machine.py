@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,13 @@ WINDOWS = 5  # matmul timing windows; the fastest counts (see matmul_flops)
 
 
 def matmul_flops(
-    m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 0.5, kernel: str = "matmul"
+    m: int,
+    k: int,
+    n: int,
+    dtype: torch.dtype,
+    min_seconds: float = 0.5,
+    kernel: str = "matmul",
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
     """FLOP/s of (m x k) @ (k x n) in `dtype` through `kernel`: "matmul" (torch.matmul) or "onednn"
     (a PackedLinear, as the engine runs). The best of WINDOWS windows of min_seconds / WINDOWS (and
@@ -44,17 +51,17 @@ def matmul_flops(
         b = torch.randn(k, n).to(dtype)
         call = partial(torch.matmul, a, b, out=torch.matmul(a, b))
     call()  # warm-up: first-call allocation and kernel selection
-    return max(_window_flops(call, 2.0 * m * k * n, min_seconds / WINDOWS) for _ in range(WINDOWS))
-
-
-def _window_flops(call: Any, flops_per_call: float, seconds: float) -> float:
-    calls, start = 0, time.perf_counter()
-    while True:
-        call()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds and calls >= 3:
-            return flops_per_call * calls / elapsed
+    windows = []
+    for _ in range(WINDOWS):
+        calls, start = 0, clock()
+        while True:
+            call()
+            calls += 1
+            elapsed = clock() - start
+            if elapsed >= min_seconds / WINDOWS and calls >= 3:
+                windows.append(2.0 * m * k * n * calls / elapsed)
+                break
+    return max(windows)
 
 
 def square_size(flops: float, budget_s: float) -> int:

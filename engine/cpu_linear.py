@@ -1,9 +1,10 @@
 """nn.Linear on CPU through oneDNN, with the weight reordered once into oneDNN's blocked layout.
 
 `F.linear` on CPU calls MKL's sgemm for float32, and MKL picks its AVX2 code path on AMD CPUs:
-on the 2-core AMD EPYC (AVX-512) we benchmark on, a 128x576x1536 float32 matmul runs at ~200
-GFLOP/s through MKL and ~470 through oneDNN with a prepacked weight, and a batch-1 pass over
-SmolLM2's weights reads them at ~17 GB/s through MKL's gemv against ~35 GB/s. This is the kernel
+on a 2-core AMD EPYC (Zen 5, AVX-512) we benchmarked on, a 128x576x1536 float32 matmul runs at
+~200 GFLOP/s through MKL and ~470 through oneDNN with a prepacked weight (on a Zen 4 one, ~150-175
+and ~215), and a batch-1 pass over SmolLM2's weights reads them at ~17 GB/s through MKL's gemv
+against ~35 GB/s. This is the kernel
 torch's own compiler (inductor's mkldnn fusion) and vLLM's CPU backend use for linear layers.
 
 Steps of fewer than MIN_ROWS tokens are padded with zero rows up to it: oneDNN's kernels for one
@@ -12,9 +13,10 @@ pass in float32: 26.4 ms at one row, 21.7 at four; bfloat16 17.4 vs 14.8), and a
 extra rows cost no memory traffic. This is what sets single-request decoding speed.
 
 Steps of at most GEMV_ROWS tokens in float32 run csrc/gemv.cpp instead where it runs (AVX-512, the
-C++ ops loaded) and the engine asks for it: it reads a second copy of each weight, laid out in
-panels of 16 output features, at ~26-34 GB/s where oneDNN's few-row kernels manage ~15-22, so a
-batch-1 SmolLM2 step runs ~1.5x faster, for the linear weights' size again in memory.
+C++ ops loaded: native.small_step_kernel) and the engine asks for it. It reads a second copy of
+each weight, laid out in panels of 16 output features, at ~26-34 GB/s where oneDNN's few-row
+kernels manage ~15-22 on the Zen 4 machine, so a batch-1 SmolLM2 step runs ~1.5x faster there,
+for the linear weights' size again in memory.
 
 Only float32 and bfloat16 are packed; float16 needs AVX512-FP16, and other devices keep nn.Linear.
 """
@@ -55,6 +57,8 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = linear.out_features, linear.in_features
         w = linear.weight.detach()
+        if panels and w.dtype != torch.float32:
+            raise ValueError(f"csrc/gemv.cpp's panels are float32 only, not {w.dtype}")
         self.register_buffer(
             "weight", torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT), persistent=False
         )
@@ -65,8 +69,10 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN packed"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.panels is not None and x.shape[0] <= GEMV_ROWS:
-            return torch.ops.lorafleet.gemv(x, [self.panels], [self.bias], [self.out_features])[0]
+        if self.panels is not None and 0 < x.shape[0] <= GEMV_ROWS:
+            return torch.ops.lorafleet.gemv(x.contiguous(), [self.panels], [self.bias], [self.out_features])[
+                0
+            ]
         y = torch.ops.mkldnn._linear_pointwise(pad_rows(x), self.weight, self.bias, "none", [], "")
         return y if x.shape[0] >= MIN_ROWS else y[: x.shape[0]]
 
@@ -76,7 +82,7 @@ def gemv_panels(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     outputs 16p to 16p + 15 (zero rows pad the last one); written into `out` (flat) if given."""
     n, k = w.shape
     if out is None:
-        out = torch.empty(panels_numel(w))
+        out = torch.empty(panels_numel(w), dtype=torch.float32)
     panels = out.view(-1, k, 16)
     panels.copy_(F.pad(w.float(), (0, 0, 0, -n % 16)).view(-1, 16, k).transpose(1, 2))
     return panels
@@ -101,9 +107,12 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...], concurrent: bool) ->
     rows = x.shape[0]
     if any(type(b) is not PackedLinear for b in bases):
         return [layer(x) for layer in layers]
-    if rows <= GEMV_ROWS and all(b.panels is not None for b in bases):
+    if 0 < rows <= GEMV_ROWS and all(b.panels is not None for b in bases):
         ys = torch.ops.lorafleet.gemv(
-            x, [b.panels for b in bases], [b.bias for b in bases], [b.out_features for b in bases]
+            x.contiguous(),
+            [b.panels for b in bases],
+            [b.bias for b in bases],
+            [b.out_features for b in bases],
         )
     elif concurrent and rows <= CONCURRENT_ROWS:
         ys = [
@@ -126,22 +135,24 @@ def pack_linears(model: nn.Module, panels: bool = False) -> int:
     output matches it to float rounding; return how many were swapped. With `panels`, float32
     layers also keep csrc/gemv.cpp's copy (the caller checks that the op runs). A tied LM head
     gets its own packed copy, as the embedding lookup still reads the dense table."""
+    # In module order, which is the order a step reads them in. A root that is itself a Linear
+    # cannot be swapped in place; a Linear shared by two parents is swapped under both.
     targets = [
         (model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], child)
-        for name, child in model.named_modules()
-        if type(child) is nn.Linear and can_pack(child.weight.device, child.weight.dtype)
+        for name, child in model.named_modules(remove_duplicate=False)
+        if name and type(child) is nn.Linear and can_pack(child.weight.device, child.weight.dtype)
     ]
-    # The panels of every layer lie back to back in one buffer, in module order (the order in
-    # which a step reads them), so that a step streams through one region: ~7% faster steps
-    # than with a separate allocation per layer.
-    with_panels = [c for _, _, c in targets if panels and c.weight.dtype == torch.float32]
-    arena, offset = torch.empty(sum(panels_numel(c.weight) for c in with_panels)), 0
-    for module, name, child in targets:
+    # The panels of every layer lie back to back in one buffer, so that a step streams through one
+    # region: ~7% faster steps than with a separate allocation per layer.
+    sizes = [
+        panels_numel(c.weight) if panels and c.weight.dtype == torch.float32 else 0 for _, _, c in targets
+    ]
+    arena, offset = torch.empty(sum(sizes), dtype=torch.float32), 0
+    for size in sizes:
+        module, name, child = targets.pop(0)  # held nowhere else: freed once swapped
         packed = PackedLinear(child)
-        if child in with_panels:
-            packed.panels = gemv_panels(
-                child.weight.detach(), arena[offset : offset + panels_numel(child.weight)]
-            )
-            offset += panels_numel(child.weight)
+        if size:
+            packed.panels = gemv_panels(child.weight.detach(), arena[offset : offset + size])
+            offset += size
         setattr(module, name, packed)
-    return len(targets)
+    return len(sizes)

@@ -21,7 +21,6 @@ from .cpu_linear import pack_linears
 from .kv_cache import bytes_per_block
 from .lora import LoRABatch, LoRALinear, LoRAWeights, add_lora_slots
 from .model import CausalLM, ModelShape, StepInputs, rope_inv_freq, use_concurrent_linears, use_fused_ops
-from .quant import weight_bytes
 from .request import Request
 from .sampler import sample
 from .scheduler import ScheduledChunk, SchedulerOutput
@@ -95,11 +94,13 @@ def load_model(
         log.warning("ignoring %d unexpected tensors, e.g. %s", len(unexpected), sorted(unexpected)[:3])
         state = {k: v for k, v in state.items() if k in expected}
     model.load_state_dict(state, assign=True)
+    del state  # the model holds the tensors now; packing frees each dense weight it replaces
     model.inv_freq = inv_freq.to(device)
     model = model.to(device).eval()
-    fused = native.fused_ops(dtype, device)
-    pack_linears(model, panels=small_step_weights and fused)  # CPU float32/bfloat16: see cpu_linear
-    if fused:
+    pack_linears(
+        model, panels=small_step_weights and native.small_step_kernel(dtype, device)
+    )  # see cpu_linear
+    if native.fused_ops(dtype, device):
         use_fused_ops(model)
     if device.type == "cpu" and native.available():
         use_concurrent_linears(model)
@@ -149,7 +150,7 @@ class ModelRunner:
         log.info(
             "model %s: %d layers, %s%s, weights %.0f MiB, KV cache %d blocks x %d tokens (%.0f MiB), %s decode attention",
             s.model_type, s.num_layers, config.dtype,
-            f" ({config.quantization} weights)" if config.quantization else "", weight_bytes(self.model) / 2**20,
+            f" ({config.quantization} weights)" if config.quantization else "", quant.weight_bytes(self.model) / 2**20,
             self.num_blocks, self.block_size, self.num_blocks * per_block / 2**20, "C++" if self.native_decode else "torch",
         )  # fmt: skip
 

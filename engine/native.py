@@ -120,6 +120,12 @@ def fused_ops(dtype: torch.dtype, device: torch.device) -> bool:
     )
 
 
+def small_step_kernel(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the linear layers of steps of a few tokens can run csrc/gemv.cpp (cpu_linear):
+    float32 on an AVX-512 CPU, like the fused ops."""
+    return fused_ops(dtype, device)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

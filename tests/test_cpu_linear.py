@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -60,7 +62,7 @@ def test_engine_model_runs_packed_projections_under_lora(tiny_llama_dir, dtype):
     assert not model.model.embed_tokens.weight.is_mkldnn
     assert weight_bytes(model) > 0
     # float32 steps of a few tokens read csrc/gemv.cpp's panels, where that op runs.
-    panels = dtype == "float32" and native.fused_ops(torch.float32, torch.device("cpu"))
+    panels = dtype == "float32" and gemv_runs()
     assert (getattr(layer.self_attn.q_proj, "panels", None) is not None) is panels
     assert (getattr(model.lm_head, "panels", None) is not None) is panels
     if panels:  # back to back in one buffer, in the order a step reads them
@@ -99,7 +101,8 @@ def test_project_runs_projections_side_by_side_with_their_lora_deltas(rows, pane
     x = torch.randn(rows, 64)
     with torch.inference_mode():
         want = [layer(x) for layer in layers]
-        got = project(x, layers, concurrent=True)
+        got, calls = gemv_calls(lambda: project(x, layers, concurrent=True))
+    assert calls == (1 if panels and rows <= GEMV_ROWS else 0)  # both layers in one call
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.is_contiguous()
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -120,7 +123,14 @@ def test_concurrent_linears_report_a_bad_layer_instead_of_crashing():
 
 
 def gemv_runs() -> bool:
-    return native.fused_ops(torch.float32, torch.device("cpu"))
+    return native.small_step_kernel(torch.float32, torch.device("cpu"))
+
+
+def gemv_calls(f) -> tuple[object, int]:
+    """f() and how many times it called csrc/gemv.cpp."""
+    with torch.profiler.profile() as prof:
+        result = f()
+    return result, sum(e.name == "lorafleet::gemv" for e in prof.events())
 
 
 needs_gemv = pytest.mark.skipif(not gemv_runs(), reason="csrc/gemv.cpp needs the C++ ops and AVX-512")
@@ -157,9 +167,8 @@ def test_packed_linear_with_panels_switches_kernels_at_gemv_rows(bias):
     with torch.inference_mode():
         for rows in (1, 2, 5, GEMV_ROWS, GEMV_ROWS + 1, 128):
             x = torch.randn(rows, 96)
-            with torch.profiler.profile() as prof:
-                got = packed(x)
-            calls.append(any(e.name == "lorafleet::gemv" for e in prof.events()))
+            got, n = gemv_calls(lambda: packed(x))  # noqa: B023 - called at once
+            calls.append(n == 1)
             torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
     assert calls == [True, True, True, True, False, False]
 
@@ -189,3 +198,12 @@ def test_small_step_weights_can_be_turned_off(tiny_llama_dir):
     assert engine_config(build_parser().parse_args(["engine"])).small_step_weights is True
     model = LLMEngine(config, model_dir=tiny_llama_dir).runner.model
     assert all(m.panels is None for m in model.modules() if isinstance(m, PackedLinear))
+    default = LLMEngine(replace(config, small_step_weights=True), model_dir=tiny_llama_dir).runner.model
+    assert all(
+        (m.panels is not None) is gemv_runs() for m in default.modules() if isinstance(m, PackedLinear)
+    )
+
+
+def test_panels_are_float32_only():
+    with pytest.raises(ValueError, match="float32"):
+        PackedLinear(nn.Linear(16, 16).bfloat16(), panels=True)

@@ -72,6 +72,8 @@ std::vector<at::Tensor> gemv(const at::Tensor& x, const std::vector<at::Tensor>&
   const int64_t rows = x.size(0), K = x.size(1), layers = static_cast<int64_t>(panels.size());
   std::vector<at::Tensor> out(layers);
   std::vector<int64_t> first(layers + 1, 0);  // layer i owns panels [first[i], first[i + 1]) of the run
+  std::vector<const float*> w(layers), b(layers);
+  std::vector<float*> y(layers);
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor& p = panels[i];
     const int64_t n = out_features[i];
@@ -85,6 +87,9 @@ std::vector<at::Tensor> gemv(const at::Tensor& x, const std::vector<at::Tensor>&
     }
     out[i] = at::empty({rows, n}, x.options());
     first[i + 1] = first[i] + p.size(0);
+    w[i] = p.data_ptr<float>();
+    b[i] = biases[i] ? biases[i]->data_ptr<float>() : nullptr;
+    y[i] = out[i].data_ptr<float>();
   }
 #if defined(__x86_64__)
   const PanelFn fn = kPanelFns[rows - 1];
@@ -94,8 +99,7 @@ std::vector<at::Tensor> gemv(const at::Tensor& x, const std::vector<at::Tensor>&
     for (int64_t p = begin; p < end; ++p) {
       while (p >= first[i + 1]) ++i;
       const int64_t n0 = (p - first[i]) * 16, n = out_features[i];
-      const float* bias = biases[i] ? biases[i]->data_ptr<float>() + n0 : nullptr;
-      fn(xp, K, panels[i].data_ptr<float>() + n0 * K, bias, out[i].data_ptr<float>() + n0, n, tail_mask(n - n0));
+      fn(xp, K, w[i] + n0 * K, b[i] ? b[i] + n0 : nullptr, y[i] + n0, n, tail_mask(n - n0));
     }
   });
 #endif
