@@ -53,7 +53,9 @@ class PackedLinear(nn.Module):
 
     panels: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear, panels: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, panels: bool = False, arena: torch.Tensor | None = None) -> None:
+        """With `panels`, also csrc/gemv.cpp's copy of the weight, written into `arena` (a flat
+        float32 slice of panels_numel elements) if given."""
         super().__init__()
         self.out_features, self.in_features = linear.out_features, linear.in_features
         w = linear.weight.detach()
@@ -63,16 +65,15 @@ class PackedLinear(nn.Module):
             "weight", torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT), persistent=False
         )
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
-        self.register_buffer("panels", gemv_panels(w) if panels else None, persistent=False)
+        self.register_buffer("panels", gemv_panels(w, arena) if panels else None, persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN packed"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.panels is not None and 0 < x.shape[0] <= GEMV_ROWS:
-            return torch.ops.lorafleet.gemv(x.contiguous(), [self.panels], [self.bias], [self.out_features])[
-                0
-            ]
+            (y,) = torch.ops.lorafleet.gemv(x.contiguous(), [self.panels], [self.bias], [self.out_features])
+            return y
         y = torch.ops.mkldnn._linear_pointwise(pad_rows(x), self.weight, self.bias, "none", [], "")
         return y if x.shape[0] >= MIN_ROWS else y[: x.shape[0]]
 
@@ -150,9 +151,6 @@ def pack_linears(model: nn.Module, panels: bool = False) -> int:
     arena, offset = torch.empty(sum(sizes), dtype=torch.float32), 0
     for size in sizes:
         module, name, child = targets.pop(0)  # held nowhere else: freed once swapped
-        packed = PackedLinear(child)
-        if size:
-            packed.panels = gemv_panels(child.weight.detach(), arena[offset : offset + size])
-            offset += size
-        setattr(module, name, packed)
+        setattr(module, name, PackedLinear(child, size > 0, arena[offset : offset + size]))
+        offset += size
     return len(sizes)

@@ -97,9 +97,8 @@ def load_model(
     del state  # the model holds the tensors now; packing frees each dense weight it replaces
     model.inv_freq = inv_freq.to(device)
     model = model.to(device).eval()
-    pack_linears(
-        model, panels=small_step_weights and native.small_step_kernel(dtype, device)
-    )  # see cpu_linear
+    panels = small_step_weights and native.small_step_kernel(dtype, device)
+    pack_linears(model, panels)  # CPU float32/bfloat16: oneDNN, and the small-step kernel (see cpu_linear)
     if native.fused_ops(dtype, device):
         use_fused_ops(model)
     if device.type == "cpu" and native.available():

@@ -14,8 +14,9 @@ its slot longest stops admitting (it "yields"): its running requests finish, its
 and the waiting adapter takes it. Slots thus rotate like time slices, and with more adapters
 than slots each still gets its share.
 When the KV cache is full, the newest running request is preempted and later recomputed.
-With speculative decoding on, a greedy request's decode may carry n-gram guesses of its next
-tokens (`ScheduledChunk.draft`, see speculative.py); `update` keeps the ones the model agreed with.
+With speculative decoding on, the decode of a greedy or unseeded sampled request may carry
+n-gram guesses of its next tokens (`ScheduledChunk.draft`, see speculative.py); `update` keeps
+the ones the model agreed with.
 """
 
 from __future__ import annotations
