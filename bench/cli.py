@@ -51,7 +51,8 @@ def _add_throughput(kinds: argparse._SubParsersAction) -> None:
         "lorafleet (continuous batching), lorafleet_static (the engine in static mode), "
         "hf_static (transformers generate() on left-padded batches of 16) and "
         "hf_continuous (transformers generate_batch); on request also lorafleet_ngram (continuous batching "
-        "with 4 speculative n-gram tokens per step while at most 4 requests run). Reports generated tok/s, median TTFT and TPOT, "
+        "with 4 speculative n-gram tokens per step while at most 4 requests run) and lorafleet_no_prefix_cache "
+        "(lorafleet computing every prompt in full). Reports generated tok/s, median TTFT and TPOT, "
         "the machine's matmul FLOP/s and LoRAFleet's fraction of the matmul roofline.",
     )
     p.add_argument("--requests", type=int, default=128, metavar="N", help="first N prompts (default 128)")
@@ -61,8 +62,8 @@ def _add_throughput(kinds: argparse._SubParsersAction) -> None:
         "--systems",
         type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
         metavar="A,B,...",
-        help="comma-separated subset of lorafleet,lorafleet_static,hf_static,hf_continuous,lorafleet_ngram "
-        "(default: all but lorafleet_ngram)",
+        help="comma-separated subset of lorafleet,lorafleet_static,hf_static,hf_continuous,lorafleet_ngram,"
+        "lorafleet_no_prefix_cache (default: the first four)",
     )
     p.add_argument("--json", type=Path, required=True, metavar="PATH", help="where to write the results")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw tok/s, TTFT and TPOT per system")

@@ -47,6 +47,7 @@ class SystemRun:
     token_ids: list[list[int]]  # generated ids per request, in workload order; kept to compare systems
     timings: list[RequestTiming]  # in workload order
     seconds: float  # wall clock from submission to the last completion
+    cached_prompt_tokens: int | None = None  # prompt tokens served from a prefix cache; None: it has none
 
     def summary(self) -> ThroughputSummary:
         return summarize(self.timings, self.seconds)

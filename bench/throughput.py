@@ -31,13 +31,23 @@ from .workload import chat_prompts, default_prompts_path, load_messages
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("lorafleet", "lorafleet_static", "hf_static", "hf_continuous", "lorafleet_ngram")
-DEFAULT_SYSTEMS = SYSTEMS[:4]  # lorafleet_ngram is lorafleet unless a few requests run (a latency run)
-# Engine systems: scheduling mode and speculative (n-gram) tokens per step.
-ENGINE_SYSTEMS: dict[str, tuple[Literal["continuous", "static"], int]] = {
-    "lorafleet": ("continuous", 0),
-    "lorafleet_static": ("static", 0),
-    "lorafleet_ngram": ("continuous", 4),
+SYSTEMS = (
+    "lorafleet",
+    "lorafleet_static",
+    "hf_static",
+    "hf_continuous",
+    "lorafleet_ngram",
+    "lorafleet_no_prefix_cache",
+)
+# lorafleet_ngram is lorafleet unless a few requests run (a latency run); lorafleet_no_prefix_cache
+# shows what sharing the chat template's system prompt is worth.
+DEFAULT_SYSTEMS = SYSTEMS[:4]
+# Engine systems: scheduling mode, speculative (n-gram) tokens per step, prefix caching.
+ENGINE_SYSTEMS: dict[str, tuple[Literal["continuous", "static"], int, bool]] = {
+    "lorafleet": ("continuous", 0, True),
+    "lorafleet_static": ("static", 0, True),
+    "lorafleet_ngram": ("continuous", 4, True),
+    "lorafleet_no_prefix_cache": ("continuous", 0, False),
 }
 MODEL_SHAPED_TOKENS = 128  # rows of the roofline matmul: one decode step of 128 running requests
 TTFT_METHOD = (
@@ -182,6 +192,10 @@ def run_throughput(config: ThroughputConfig) -> dict[str, Any]:
             for name, rs in rounds.items()
         },
         "agreement": {"reference": reference, "identical_fraction": identical_fraction(runs, reference)},
+        # Of config.prompt_tokens, those each engine system took from its prefix cache (median round).
+        "cached_prompt_tokens": {
+            n: r.cached_prompt_tokens for n, r in runs.items() if r.cached_prompt_tokens is not None
+        },
     }
 
 

@@ -38,6 +38,7 @@ class _Submit:
     adapter_id: str | None
     sink: asyncio.Queue[RequestOutput | BaseException]
     admitted: asyncio.Future[None] = field(repr=False)
+    cache_salt: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class AsyncEngine:
         params: SamplingParams,
         adapter_id: str | None = None,
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield deltas until the request finishes. Raises `InvalidRequest` before the first
         yield for a request the engine refuses. Closing the iterator early cancels the request."""
@@ -99,7 +101,9 @@ class AsyncEngine:
         with self._closing:
             if self._closed:  # it stopped since the check above
                 raise EngineDead("the engine is not running")
-            self._commands.put(_Submit(request_id, prompt_token_ids, params, adapter_id, sink, admitted))
+            self._commands.put(
+                _Submit(request_id, prompt_token_ids, params, adapter_id, sink, admitted, cache_salt)
+            )
         try:
             await admitted
             while True:
@@ -165,7 +169,9 @@ class AsyncEngine:
                     self.engine.abort(cmd.request_id)
                 continue
             try:
-                self.engine.add_request(cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.adapter_id)
+                self.engine.add_request(
+                    cmd.prompt_token_ids, cmd.params, cmd.request_id, cmd.adapter_id, cmd.cache_salt
+                )
             except Exception as e:  # InvalidRequest and friends go back to the caller
                 self._resolve(cmd.admitted, e)
                 continue

@@ -38,6 +38,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache budget in MiB (default 512)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     g.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt in full, even when earlier requests began with the same blocks of tokens",
+    )
+    g.add_argument(
         "--max-num-batched-tokens", type=int, default=512, help="token budget of one step (default 512)"
     )
     g.add_argument("--max-num-seqs", type=int, default=128, help="running requests at once (default 128)")
@@ -79,7 +85,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         small_step_weights=args.small_step_weights,
         seed=args.seed,
-        cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_mib * MiB),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_bytes=args.kv_cache_mib * MiB,
+            prefix_caching=args.prefix_caching,
+        ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,

@@ -18,6 +18,9 @@ class CacheConfig:
 
     block_size: int = 16  # tokens per KV block; small blocks waste less on short sequences
     kv_cache_bytes: int = 512 << 20  # keys + values of every layer; 512 MiB holds ~28k SmolLM2 tokens in fp32
+    # Share the KV of full blocks between requests that start with the same tokens under the same
+    # adapter (see kv_cache.py): a common system prompt is computed once, not once per request.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

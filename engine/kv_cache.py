@@ -1,12 +1,25 @@
-"""KV block bookkeeping: which request owns which cache blocks. Pure Python: no torch.
+"""KV block bookkeeping: which requests use which cache blocks. Pure Python: no torch.
 
-The model runner owns the tensors; this module only hands out block ids. Every block is
-either free or owned by exactly one request, and `free()` is the only way back.
+The model runner owns the tensors; this module only hands out block ids. A block is free or
+used by one or more requests (counted), and `free()` is the only way to stop using one.
+
+With prefix caching on, every full block whose KV has been computed is also named by a hash of
+its tokens, of every token before it and of the request's cache key (its adapter: LoRA changes
+the keys and values). A new request whose prompt starts with the same blocks under the same key
+shares them instead of computing them again: chat requests with one system prompt, turns of one
+conversation, a preempted request coming back. A cached block whose last user is gone stays
+cached while it waits in the free list, and is evicted (its hash forgotten) only when its memory
+is handed out again, least recently freed first. Cached blocks are full and never written again:
+a request writes only at positions past its cached prefix, into blocks of its own.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 
 def bytes_per_block(
@@ -16,22 +29,57 @@ def bytes_per_block(
     return 2 * num_layers * num_kv_heads * head_dim * block_size * dtype_bytes
 
 
+def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The name of a full block: SHA-256, so that no prompt can be crafted to collide with another
+    request's block and read its KV (Python's hash() of ints is trivially invertible)."""
+    return hashlib.sha256(parent + array("l", tokens).tobytes()).digest()
+
+
+def root_hash(key: str) -> bytes:
+    """The parent of a request's first block: requests share blocks only under the same key."""
+    return hashlib.sha256(b"lorafleet-kv\0" + key.encode()).digest()
+
+
+@dataclass
+class CachedPrefix:
+    """The leading blocks of a token sequence that are cached, found by `KVCacheManager.lookup`."""
+
+    key: str
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # one per block
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block; raise kv_cache_bytes")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.prefix_caching = prefix_caching
+        # Free blocks in the order they are handed out: blocks with nothing cached in front (the
+        # most recently freed first, its memory is the warmest), cached blocks behind them, least
+        # recently freed first.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._refs = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
+        self._keys: dict[str, str] = {}  # request -> its cache key
+        self._hashes: dict[str, list[bytes]] = {}  # request -> hashes of its leading full blocks
+        self._block_of: dict[bytes, int] = {}  # cached blocks by hash
+        self._hash_of: dict[int, bytes] = {}  # ... and the other way round
+        self._in_flight: list[int] = []  # blocks named for the running step, before their KV exists
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks no request uses, cached ones included: they are handed out when needed."""
         return len(self._free)
 
     @property
+    def num_cached_blocks(self) -> int:
+        return len(self._hash_of)
+
+    @property
     def usage(self) -> float:
-        """Fraction of blocks owned by requests, 0.0 to 1.0."""
+        """Fraction of blocks used by requests, 0.0 to 1.0."""
         return 1.0 - len(self._free) / self.num_blocks
 
     @property
@@ -44,20 +92,107 @@ class KVCacheManager:
     def block_table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
 
-    def can_allocate(self, request_id: str, num_tokens: int, reserve_blocks: int = 0) -> bool:
-        extra = self.blocks_for(num_tokens) - len(self.block_table(request_id))
-        return extra <= len(self._free) - reserve_blocks
+    def lookup(self, tokens: Sequence[int], key: str) -> CachedPrefix:
+        """The longest run of leading full blocks of `tokens` cached under `key`. It stops one
+        token short of the end, so that a request always computes its last token (the step samples
+        from it). Changes nothing: `allocate(..., prefix=)` takes the blocks."""
+        prefix = CachedPrefix(key)
+        if not self.prefix_caching:
+            return prefix
+        parent, bs = root_hash(key), self.block_size
+        for i in range((len(tokens) - 1) // bs):
+            parent = block_hash(parent, tokens[i * bs : (i + 1) * bs])
+            block = self._block_of.get(parent)
+            if block is None:
+                break
+            prefix.blocks.append(block)
+            prefix.hashes.append(parent)
+        return prefix
 
-    def allocate(self, request_id: str, num_tokens: int, reserve_blocks: int = 0) -> bool:
-        """Grow the request's table to hold `num_tokens` tokens. All or nothing."""
-        if not self.can_allocate(request_id, num_tokens, reserve_blocks):
+    def can_allocate(
+        self, request_id: str, num_tokens: int, reserve_blocks: int = 0, prefix: CachedPrefix | None = None
+    ) -> bool:
+        shared = prefix.blocks if prefix else []
+        extra = self.blocks_for(num_tokens) - len(self.block_table(request_id)) - len(shared)
+        # A cached block nobody uses sits in the free list: sharing it takes it out of there too.
+        return extra + sum(self._refs[b] == 0 for b in shared) <= len(self._free) - reserve_blocks
+
+    def allocate(
+        self, request_id: str, num_tokens: int, reserve_blocks: int = 0, prefix: CachedPrefix | None = None
+    ) -> bool:
+        """Grow the request's table to hold `num_tokens` tokens. All or nothing. A new request may
+        start its table with the cached blocks of `prefix` (from `lookup` of its tokens)."""
+        if not self.can_allocate(request_id, num_tokens, reserve_blocks, prefix):
             return False
+        if prefix is not None:
+            if request_id in self._tables:
+                raise RuntimeError(f"request {request_id} already has blocks: a prefix comes first")
+            self._keys[request_id] = prefix.key
+            self._hashes[request_id] = list(prefix.hashes)
+            for block in prefix.blocks:
+                if self._refs[block] == 0:
+                    del self._free[block]
+                self._refs[block] += 1
+            self._tables[request_id] = list(prefix.blocks)
         table = self._tables.setdefault(request_id, [])
         for _ in range(self.blocks_for(num_tokens) - len(table)):
-            table.append(self._free.popleft())
+            block, _ = self._free.popitem(last=False)
+            evicted = self._hash_of.pop(block, None)
+            if evicted is not None:
+                del self._block_of[evicted]
+            self._refs[block] = 1
+            table.append(block)
         return True
 
+    def commit(
+        self, request_id: str, tokens: Sequence[int], num_computed: int, in_flight: bool = False
+    ) -> None:
+        """Name the request's full blocks up to `num_computed` tokens, so that later requests can
+        share them. `tokens`: the request's tokens so far. `in_flight`: the next step computes the
+        last of them; a request scheduled after this one in the same step may share them already
+        (every layer writes the whole step's keys and values before it attends), and `settle`
+        forgets them if the step fails."""
+        if not self.prefix_caching:
+            return
+        key = self._keys.get(request_id)
+        if key is None:
+            return  # allocated without a prefix lookup: its cache key is unknown
+        hashes = self._hashes[request_id]
+        table, bs = self._tables[request_id], self.block_size
+        parent = hashes[-1] if hashes else root_hash(key)
+        for i in range(len(hashes), min(num_computed // bs, len(table))):
+            parent = block_hash(parent, tokens[i * bs : (i + 1) * bs])
+            hashes.append(parent)
+            block = table[i]
+            # A block computed twice (two requests with one prompt in one step) is cached once.
+            if parent not in self._block_of and block not in self._hash_of:
+                self._block_of[parent] = block
+                self._hash_of[block] = parent
+                if in_flight:
+                    self._in_flight.append(block)
+
+    def settle(self, computed: bool) -> None:
+        """The step ended. If it failed, the blocks named in flight hold no valid KV: forget them."""
+        for block in self._in_flight if not computed else ():
+            evicted = self._hash_of.pop(block, None)
+            if evicted is not None:
+                del self._block_of[evicted]
+        self._in_flight.clear()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block that no request uses (a benchmark's rounds start cold)."""
+        for block in list(self._hash_of):
+            if self._refs[block] == 0:
+                del self._block_of[self._hash_of.pop(block)]
+
     def free(self, request_id: str) -> None:
-        # Freed blocks go to the front so that the hottest memory is reused first.
+        self._keys.pop(request_id, None)
+        self._hashes.pop(request_id, None)
+        # Tail blocks first: a request's first blocks, shared the most, are evicted last.
         for block in reversed(self._tables.pop(request_id, [])):
-            self._free.appendleft(block)
+            self._refs[block] -= 1
+            if self._refs[block] > 0:
+                continue
+            self._free[block] = None
+            if block not in self._hash_of:
+                self._free.move_to_end(block, last=False)

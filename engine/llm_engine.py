@@ -42,6 +42,7 @@ class RequestOutput:
     error: str | None = None
     adapter_error: bool = False  # the error is the adapter's (it cannot be loaded), not the engine's
     retryable: bool = False  # an adapter error that may pass (its source is down): retry later
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class AdapterSource(AdapterPort, Protocol):
@@ -78,7 +79,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_dir, config)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.shape.vocab_size
-        self.kv = KVCacheManager(self.runner.num_blocks, self.runner.block_size)
+        self.kv = KVCacheManager(self.runner.num_blocks, self.runner.block_size, config.cache.prefix_caching)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.adapters = adapters
         slots = config.lora.max_loras if config.lora else 0
@@ -106,6 +107,7 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         adapter_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty")
@@ -123,7 +125,9 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        req = Request(request_id, list(prompt_token_ids), params, adapter_id=adapter_id)
+        req = Request(
+            request_id, list(prompt_token_ids), params, adapter_id=adapter_id, cache_salt=cache_salt
+        )
         self.requests[request_id] = req
         self._detok[request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, params.stop)
         self.scheduler.add(req)
@@ -155,13 +159,8 @@ class LLMEngine:
             sampled = self.runner.execute(out)
         except Exception as e:
             log.exception("step failed; ending its %d requests", len(out.chunks))
-            outputs = failed
-            for slot, _, _ in out.slot_loads:
-                self.scheduler.slots.forget(slot)  # its contents are unknown now
-            for chunk in out.chunks:
-                self.scheduler.finish(chunk.request, FinishReason.ERROR)
-                outputs.append(self._output(chunk.request, [], "", finalize=True, error=str(e)))
-            return outputs
+            self.scheduler.fail(out)
+            return failed + [self._output(c.request, [], "", finalize=True, error=str(e)) for c in out.chunks]
         gained = self.scheduler.update(out, sampled)
         outputs = failed
         for chunk in out.chunks:
@@ -203,6 +202,7 @@ class LLMEngine:
         return RequestOutput(
             req.request_id, req.prompt_token_ids, tokens, text, req.finished, req.finish_reason,
             req.arrival_time, req.first_token_time, req.finish_time, error, adapter_error, retryable,
+            req.num_cached_tokens,
         )  # fmt: skip
 
     # -- offline batch --------------------------------------------------------------------------
@@ -222,4 +222,5 @@ class LLMEngine:
                 res.text += o.text
                 res.finished, res.finish_reason, res.error = o.finished, o.finish_reason, o.error
                 res.first_token_time, res.finish_time = o.first_token_time, o.finish_time
+                res.num_cached_tokens = o.num_cached_tokens
         return [results[r.request_id] for r in reqs]

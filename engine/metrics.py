@@ -33,6 +33,8 @@ class EngineSnapshot:
     waiting_adapters: frozenset[str]
     num_draft_tokens: int = 0  # speculative guesses computed since start
     num_accepted_tokens: int = 0  # ... and kept
+    num_queried_tokens: int = 0  # tokens of admitted requests looked up in the prefix cache, since start
+    num_cached_tokens: int = 0  # ... and found there
 
 
 if TYPE_CHECKING:
@@ -154,7 +156,16 @@ class Metrics:
             "Speculative draft tokens the model agreed with",
             registry=r,
         )
-        self._spec_seen = (0, 0)
+        # Prefix caching: hits / queries is the hit rate (vLLM's prefix_cache_* counters).
+        self.prefix_queries = Counter(
+            "lorafleet_prefix_cache_queries", "Tokens of admitted requests looked up in the prefix cache",
+            registry=r,
+        )  # fmt: skip
+        self.prefix_hits = Counter(
+            "lorafleet_prefix_cache_hits", "Tokens found in the prefix cache (their KV not computed again)",
+            registry=r,
+        )  # fmt: skip
+        self._totals: dict[Counter, float] = {}  # what the engine's running totals were last seen at
         self.adapters = AdapterMetrics(r)
 
     def observe_engine(self, s: EngineSnapshot) -> None:
@@ -164,10 +175,14 @@ class Metrics:
             (self.kv_usage, s.kv_usage), (self.vllm_kv_usage, s.kv_usage), (self.vllm_gpu_kv_usage, s.kv_usage),
         ):  # fmt: skip
             gauge.set(value)
-        drafted, accepted = self._spec_seen
-        self.draft_tokens.inc(max(0, s.num_draft_tokens - drafted))
-        self.accepted_tokens.inc(max(0, s.num_accepted_tokens - accepted))
-        self._spec_seen = (max(drafted, s.num_draft_tokens), max(accepted, s.num_accepted_tokens))
+        for counter, total in (
+            (self.draft_tokens, s.num_draft_tokens), (self.accepted_tokens, s.num_accepted_tokens),
+            (self.prefix_queries, s.num_queried_tokens), (self.prefix_hits, s.num_cached_tokens),
+        ):  # fmt: skip
+            seen = self._totals.get(counter, 0)
+            if total > seen:
+                counter.inc(total - seen)
+                self._totals[counter] = total
         # One series only: the endpoint picker reads the newest one, so old label sets must go.
         self.vllm_lora_info.clear()
         self.vllm_lora_info.labels(

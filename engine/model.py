@@ -171,6 +171,8 @@ class Attention(nn.Module):
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        # Only now, with the whole step's keys and values written, does any token attend: a request
+        # may read prefix blocks another request in the same step is filling (kv_cache.commit).
         o = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.view(t, -1))
 

@@ -222,6 +222,8 @@ class GenerationRequest:
     include_usage: bool = False  # OpenAI stream_options.include_usage
     details: bool = False  # LoRAX details
     messages: list[dict[str, str]] | None = None  # chat: rendered with the model's chat template
+    # vLLM's `cache_salt`: only requests with the same salt share cached KV (see kv_cache.py)
+    cache_salt: str | None = None
 
 
 def _is_default(value: Any, *defaults: Any) -> bool:
@@ -237,7 +239,7 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }  # fmt: skip
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
-           "ignore_eos"}  # fmt: skip
+           "ignore_eos", "cache_salt"}  # fmt: skip
 _KEYS = {"completions": _COMMON | {"prompt"}, "chat": _COMMON | {"messages", "max_completion_tokens"}}
 
 
@@ -275,6 +277,7 @@ def _openai_common(body: dict[str, Any], api: Literal["completions", "chat"]) ->
         ignore_eos=boolean(body, "ignore_eos"),
         stream=stream,
         include_usage=include_usage,
+        cache_salt=text(body["cache_salt"], "cache_salt") if "cache_salt" in body else None,
     )
 
 
@@ -395,17 +398,19 @@ class Result:
     created: int  # unix seconds
     prompt_tokens: int
     seed: int | None = None
+    cached_tokens: int = 0  # of the prompt's, found in the prefix cache
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
 
     @property
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         n = len(self.token_ids)
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": n,
             "total_tokens": self.prompt_tokens + n,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 

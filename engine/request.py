@@ -86,6 +86,10 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache when admitted
+    # Requests share cached KV only under the same salt (and adapter): a tenant that salts its
+    # requests cannot learn from timings whether someone else sent the same prompt.
+    cache_salt: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +98,12 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def cache_key(self) -> str:
+        """What the prefix cache keys this request's KV on besides its tokens: its adapter
+        (LoRA changes the keys and values) and its salt."""
+        return f"{self.adapter_id or ''}\0{self.cache_salt or ''}"
 
     @property
     def finished(self) -> bool:

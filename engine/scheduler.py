@@ -13,7 +13,10 @@ When every slot serves running requests and another adapter waits, the adapter t
 its slot longest stops admitting (it "yields"): its running requests finish, its slot frees up
 and the waiting adapter takes it. Slots thus rotate like time slices, and with more adapters
 than slots each still gets its share.
-When the KV cache is full, the newest running request is preempted and later recomputed.
+A request starts computing after the longest run of its leading blocks found in the prefix cache
+(kv_cache.py); each chunk names the blocks it fills, so requests admitted later, even in the same
+step, share them. When the KV cache is full, the newest running request is preempted and later
+recomputed (from what of it is still cached).
 With speculative decoding on, the decode of a greedy or unseeded sampled request may carry
 n-gram guesses of its next tokens (`ScheduledChunk.draft`, see speculative.py); `update` keeps
 the ones the model agreed with.
@@ -114,6 +117,8 @@ class Scheduler:
         self.num_preemptions = 0  # since start, for metrics
         self.num_draft_tokens = 0  # speculative guesses computed, since start
         self.num_accepted_tokens = 0  # ... and kept
+        self.num_queried_tokens = 0  # tokens of admitted requests, looked up in the prefix cache
+        self.num_cached_tokens = 0  # ... and found there (not computed again)
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -208,10 +213,18 @@ class Scheduler:
                 skipped += 1
                 continue
             req = self.queues[adapter][0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            tokens = req.all_token_ids
+            prefix = self.kv.lookup(tokens, req.cache_key)  # waiting requests have nothing computed
+            cached = len(prefix.blocks) * self.kv.block_size
+            n = min(len(tokens) - cached, budget)
             reserve = self._reserve if self.running else 0  # an empty batch may use every block
-            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n, reserve):
+            if not self.kv.allocate(req.request_id, cached + n, reserve, prefix):
                 return  # out of KV memory: nobody else fits either
+            req.num_computed_tokens = cached
+            if not req.num_preemptions:  # what its usage reports: a preempted one may find its own blocks
+                req.num_cached_tokens = cached
+            self.num_queried_tokens += len(tokens)
+            self.num_cached_tokens += cached
             self.queues[adapter].popleft()
             self._drop_if_empty(adapter)
             req.status = Status.RUNNING
@@ -286,12 +299,22 @@ class Scheduler:
                 self.adapters.load(adapter)
                 started += 1
 
+    def fail(self, out: SchedulerOutput) -> None:
+        """The step that ran `out` failed: what it loaded into slots and the KV blocks it was
+        computing are unknown, and its requests end with an error."""
+        for slot, _, _ in out.slot_loads:
+            self.slots.forget(slot)
+        self.kv.settle(computed=False)
+        for chunk in out.chunks:
+            self.finish(chunk.request, FinishReason.ERROR)
+
     def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> dict[str, list[int]]:
         """Record the step's results. `sampled` maps the id of each request whose chunk samples to
         the tokens the model picked: one, or one per draft token plus one.
 
         Returns the tokens each request gained (finished requests included: check `finished`)."""
         now = time.monotonic()
+        self.kv.settle(computed=True)
         gained: dict[str, list[int]] = {}
         for chunk in out.chunks:
             req = chunk.request
@@ -305,6 +328,8 @@ class Scheduler:
             # The KV of the known tokens and of the kept guesses is valid; the rest is overwritten
             # when those positions are computed again.
             req.num_computed_tokens += chunk.num_tokens - len(chunk.draft) + len(tokens) - 1
+            if chunk.draft:  # blocks the kept guesses filled
+                self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
             self.num_draft_tokens += len(chunk.draft)
             self.num_accepted_tokens += len(tokens) - 1
             if req.first_token_time is None:
@@ -326,6 +351,8 @@ class Scheduler:
         slot = None if req.adapter_id is None else self.slots.slot_of(req.adapter_id)
         draft = draft or []
         samples = start + n - len(draft) == req.num_tokens
+        # Guesses are not known tokens: their blocks are named once the step has verified them.
+        self.kv.commit(req.request_id, req.all_token_ids, start + n - len(draft), in_flight=True)
         return ScheduledChunk(req, start, n, self.kv.block_table(req.request_id), samples, slot, draft)
 
     def _draft(self, req: Request, budget: int) -> list[int]:

@@ -274,6 +274,8 @@ def engine_snapshot(engine: AsyncEngine) -> EngineSnapshot:
         waiting_adapters=_adapter_ids(waiting if callable(waiting) else lambda: waiting),
         num_draft_tokens=llm.scheduler.num_draft_tokens,
         num_accepted_tokens=llm.scheduler.num_accepted_tokens,
+        num_queried_tokens=llm.scheduler.num_queried_tokens,
+        num_cached_tokens=llm.scheduler.num_cached_tokens,
     )
 
 
@@ -456,7 +458,7 @@ class Run:
         self.refused = False  # by the engine (invalid, or not running): not measured, it never ran
         timeout = app[CONFIG].request_timeout_s
         self.deadline = asyncio.get_running_loop().time() + timeout - (time.monotonic() - arrival)
-        stream = app[ENGINE].generate(prompt_ids, params, adapter_id, self.result.id)
+        stream = app[ENGINE].generate(prompt_ids, params, adapter_id, self.result.id, req.cache_salt)
         self._stream = cast("AsyncGenerator[RequestOutput, None]", stream)  # an async generator
 
     async def next(self) -> RequestOutput:
@@ -484,6 +486,7 @@ class Run:
         if out.error is not None:
             raise ApiError(500, f"generation failed: {out.error}", type="server_error")
         r, special = self.result, self.app[VOCAB].special
+        r.cached_tokens = out.num_cached_tokens
         if out.token_ids:
             self.last_token_at = time.monotonic()
             if self.first_token_at is None:

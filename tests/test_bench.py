@@ -61,8 +61,14 @@ def test_shipped_workload_is_the_shared_one() -> None:
 
 def test_throughput_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     json_path, png_path = tmp_path / "tp.json", tmp_path / "tp.png"
+    # One system prompt for all, as chat templates often add: the engine shares its KV blocks.
+    system = {"role": "system", "content": "You are a terse assistant. Answer in as few words as you can."}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [system, {"role": "user", "content": q}]}) + "\n"
+                               for q in ("hi", "Name a color.", "What is 2+2?", "Say yes.")))  # fmt: skip
     argv = ["throughput", "--requests", "4", "--max-new-tokens", "8", "--model", str(tiny_llama_dir)]
     argv += ["--json", str(json_path), "--plot", str(png_path), "--matmul-seconds", "0.05"]
+    argv += ["--prompts", str(prompts)]
     argv += ["--systems", ",".join(SYSTEMS)]
     assert main(argv) == 0
 
@@ -90,6 +96,9 @@ def test_throughput_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     )
     assert report["machine"]["roofline_matmul"] == "model_shaped"
     assert report["config"]["requests"] == 4 and report["config"]["max_new_tokens"] == 8
+    cached = report["cached_prompt_tokens"]
+    assert set(cached) == {s for s in SYSTEMS if s.startswith("lorafleet")}
+    assert cached["lorafleet_no_prefix_cache"] == 0 and cached["lorafleet"] > 0, cached
 
     assert png_path.read_bytes()[:8] == PNG_SIGNATURE
 
@@ -103,6 +112,8 @@ def test_throughput_rounds_report_the_median_round(tiny_llama_dir: Path, tmp_pat
 
     report = json.loads(json_path.read_text())
     assert report["config"]["rounds"] == 3
+    # One prompt, run by the warm-up and by every round: each round still computes all of it.
+    assert report["cached_prompt_tokens"] == {"lorafleet": 0, "lorafleet_ngram": 0}
     for name in ("lorafleet", "lorafleet_ngram"):
         rounds = report["rounds"][name]
         assert len(rounds) == 3 and all(r["tok_s"] > 0 for r in rounds)

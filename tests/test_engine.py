@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,6 +75,26 @@ def test_greedy_equals_hf_generate_one_prompt_at_a_time(tiny_model_dir, layout, 
         s = eng.scheduler
         assert 0 < s.num_accepted_tokens < s.num_draft_tokens, "drafts were all kept or all refused"
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_prompts_sharing_a_prefix_reuse_its_kv_and_equal_hf(tiny_model_dir, block_size):
+    cache = CacheConfig(block_size=block_size, kv_cache_bytes=4 << 20)
+    eng = engine_for(tiny_model_dir, cache=cache, max_model_len=256)
+    system = eng.tokenizer.encode("You are a helpful assistant who answers briefly and well.")
+    prompts = [system + eng.tokenizer.encode(t) for t in TEXTS]
+    first = eng.generate(prompts[:1], GREEDY)  # its blocks are cached when it is done
+    rest = eng.generate(prompts[1:], GREEDY)
+    reference = hf_greedy(tiny_model_dir, prompts, GREEDY.max_tokens)
+    for text, out, ref in zip(TEXTS, first + rest, reference):
+        assert out.token_ids == ref, f"prompt {text!r}"
+    shared = len(system) // block_size * block_size
+    assert shared >= 16 and all(o.num_cached_tokens >= shared for o in rest)
+    assert first[0].num_cached_tokens == 0
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+    off = engine_for(tiny_model_dir, cache=replace(cache, prefix_caching=False), max_model_len=256)
+    assert [o.token_ids for o in off.generate(prompts, GREEDY)] == reference
+    assert off.scheduler.num_cached_tokens == 0
 
 
 def test_chat_template_and_text(tiny_llama_dir):
@@ -256,7 +277,7 @@ def test_bad_input_is_refused_and_the_engine_keeps_serving(tiny_llama_dir, make,
 
 
 def test_a_failing_step_ends_its_requests_and_frees_their_blocks(tiny_llama_dir, monkeypatch):
-    eng = engine_for(tiny_llama_dir)
+    eng = engine_for(tiny_llama_dir, cache=CacheConfig(block_size=4, kv_cache_bytes=4 << 20))
     real = eng.runner.execute
 
     def boom(out):
@@ -268,8 +289,9 @@ def test_a_failing_step_ends_its_requests_and_frees_their_blocks(tiny_llama_dir,
     failed = eng.generate(prompts, GREEDY)
     assert all(o.finish_reason is FinishReason.ERROR and "injected" in (o.error or "") for o in failed)
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
+    # The failed step never wrote the blocks it had named for the prefix cache: none is reused.
     ok = eng.generate(prompts, GREEDY)
-    assert all(o.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for o in ok)
+    assert [o.token_ids for o in ok] == hf_greedy(tiny_llama_dir, prompts, GREEDY.max_tokens)
 
 
 def test_engine_config_is_validated():

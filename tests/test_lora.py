@@ -98,6 +98,34 @@ def test_mixed_adapter_batch_matches_peft_adapter_by_adapter(tiny_llama_dir, ada
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
 
 
+def test_prefix_cache_shares_kv_only_within_one_adapter(tiny_llama_dir, adapter_dirs):
+    """The same prompt under every adapter and the base model, twice: the second round reuses
+    each adapter's own blocks (LoRA on q/k/v/o changes them) and still matches PEFT."""
+    eng = LLMEngine(
+        EngineConfig(
+            model=str(tiny_llama_dir),
+            max_model_len=128,
+            cache=CacheConfig(block_size=4, kv_cache_bytes=2 << 20),
+            lora=LoRAConfig(max_loras=8, max_rank=16),
+        ),
+        model_dir=tiny_llama_dir,
+        adapters=served(tiny_llama_dir, next(iter(adapter_dirs.values())).parent.parent),
+    )
+    prompt = eng.tokenizer.encode(" ".join(TEXTS))
+    names: list[str | None] = [*adapter_dirs, None]
+    for round in range(2):
+        reqs = {name: eng.add_request(prompt, GREEDY, adapter_id=name) for name in names}
+        got: dict[str, list[int]] = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                got.setdefault(o.request_id, []).extend(o.token_ids)
+        for name, req in reqs.items():
+            want = peft_reference(tiny_llama_dir, adapter_dirs[name] if name else None, [prompt])[0]
+            assert got[req.request_id] == want, f"adapter {name}, round {round}"
+            assert req.num_cached_tokens == (0 if round == 0 else (len(prompt) - 1) // 4 * 4)
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+
+
 def test_base_model_name_overrides_the_model_directorys_name(tiny_llama_dir, adapter_dirs, tmp_path):
     """In a pod the model directory is an S3 cache entry or a PVC path whose name is not the one
     adapters record; the operator passes the name it validated them against."""

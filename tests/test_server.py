@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import threading
+import uuid
 
 import aiohttp
 import openai
@@ -185,6 +186,8 @@ BAD_REQUESTS = [
         M | {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
         "response_format",
     ),
+    ("/v1/completions", M | {"prompt": "x", "cache_salt": 7}, "cache_salt"),
+    ("/v1/completions", M | {"prompt": "x", "cache_salt": ""}, "cache_salt"),
     ("/generate", {"inputs": 5}, "inputs"),
     ("/generate", {"inputs": "x", "parameters": {"top_k": 1.5}}, "parameters.top_k"),
     ("/generate", {"inputs": "x", "parameters": {"best_of": 2}}, "parameters.best_of"),
@@ -455,6 +458,32 @@ async def test_metrics_expose_the_inference_gateway_gauges(start_server):
     # The tiny engine drafts speculative tokens (tests/plugins/server.py); the model keeps some.
     drafted = value(idle, "lorafleet_spec_decode_draft_tokens_total")
     assert 0 < value(idle, "lorafleet_spec_decode_accepted_tokens_total") <= drafted
+
+
+async def test_repeated_prompts_report_cached_tokens_and_salts_keep_them_apart(server, tiny_llm):
+    prompt = "Serving many adapters over one base model keeps the matmuls wide."
+    cacheable = (
+        (len(tiny_llm.tokenizer.encode(prompt)) - 1) // 4 * 4
+    )  # full blocks of 4, before the last token
+    url = f"{server.url}/v1/completions"
+    salt = f"tenant-{uuid.uuid4().hex}"  # the engine is shared by every server test: start from a fresh key
+    async with aiohttp.ClientSession() as s:
+        before = await scrape_until(s, server.url, 0)
+        cached, prompt_tokens = [], 0
+        for body in ({"cache_salt": salt}, {"cache_salt": salt}, {"cache_salt": salt + "-other"}):
+            status, out = await post(s, url, M | {"prompt": prompt, "max_tokens": 2} | body)
+            assert status == 200, out
+            cached.append(out["usage"]["prompt_tokens_details"]["cached_tokens"])
+            prompt_tokens += out["usage"]["prompt_tokens"]
+        after = await scrape_until(s, server.url, 0)
+    assert cached == [0, cacheable, 0] and cacheable >= 12
+    hits = value(after, "lorafleet_prefix_cache_hits_total") - value(
+        before, "lorafleet_prefix_cache_hits_total"
+    )
+    queries = value(after, "lorafleet_prefix_cache_queries_total") - value(
+        before, "lorafleet_prefix_cache_queries_total"
+    )
+    assert hits == cacheable and queries == prompt_tokens
 
 
 async def test_metrics_count_requests_that_time_out_fail_or_lose_their_client(start_server, tiny_llm):
