@@ -3,9 +3,9 @@
 The model runner owns the tensors; this module only hands out block ids. A block is free or
 used by one or more requests (counted), and `free()` is the only way to stop using one.
 
-With prefix caching on, every full block whose KV has been computed is also named by a hash of
-its tokens, of every token before it and of the request's cache key (its adapter: LoRA changes
-the keys and values). A new request whose prompt starts with the same blocks under the same key
+With prefix caching on, every full block whose KV has been (or is being) computed is also named
+by a hash of its tokens, of every token before it and of the request's cache key (its adapter:
+LoRA changes the keys and values; and an optional salt). A new request whose prompt starts with the same blocks under the same key
 shares them instead of computing them again: chat requests with one system prompt, turns of one
 conversation, a preempted request coming back. A cached block whose last user is gone stays
 cached while it waits in the free list, and is evicted (its hash forgotten) only when its memory
@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -145,10 +145,15 @@ class KVCacheManager:
         return True
 
     def commit(
-        self, request_id: str, tokens: Sequence[int], num_computed: int, in_flight: bool = False
+        self,
+        request_id: str,
+        num_computed: int,
+        tokens: Callable[[], Sequence[int]],
+        in_flight: bool = False,
     ) -> None:
         """Name the request's full blocks up to `num_computed` tokens, so that later requests can
-        share them. `tokens`: the request's tokens so far. `in_flight`: the next step computes the
+        share them. `tokens()`: the tokens whose KV those positions hold (called only when a block
+        is to be named: most steps fill none). `in_flight`: the next step computes the
         last of them; a request scheduled after this one in the same step may share them already
         (every layer writes the whole step's keys and values before it attends), and `settle`
         forgets them if the step fails."""
@@ -159,9 +164,13 @@ class KVCacheManager:
             return  # allocated without a prefix lookup: its cache key is unknown
         hashes = self._hashes[request_id]
         table, bs = self._tables[request_id], self.block_size
+        full = min(num_computed // bs, len(table))
+        if full <= len(hashes):
+            return
+        known = tokens()
         parent = hashes[-1] if hashes else root_hash(key)
-        for i in range(len(hashes), min(num_computed // bs, len(table))):
-            parent = block_hash(parent, tokens[i * bs : (i + 1) * bs])
+        for i in range(len(hashes), min(full, len(known) // bs)):
+            parent = block_hash(parent, known[i * bs : (i + 1) * bs])
             hashes.append(parent)
             block = table[i]
             # A block computed twice (two requests with one prompt in one step) is cached once.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -103,7 +104,7 @@ class Request:
     def cache_key(self) -> str:
         """What the prefix cache keys this request's KV on besides its tokens: its adapter
         (LoRA changes the keys and values) and its salt."""
-        return f"{self.adapter_id or ''}\0{self.cache_salt or ''}"
+        return json.dumps([self.adapter_id, self.cache_salt])  # unambiguous, whatever the strings hold
 
     @property
     def finished(self) -> bool:

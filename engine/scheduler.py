@@ -117,7 +117,7 @@ class Scheduler:
         self.num_preemptions = 0  # since start, for metrics
         self.num_draft_tokens = 0  # speculative guesses computed, since start
         self.num_accepted_tokens = 0  # ... and kept
-        self.num_queried_tokens = 0  # tokens of admitted requests, looked up in the prefix cache
+        self.num_queried_tokens = 0  # prompt tokens of admitted requests, looked up in the prefix cache
         self.num_cached_tokens = 0  # ... and found there (not computed again)
 
     # -- intake ---------------------------------------------------------------------------------
@@ -159,6 +159,9 @@ class Scheduler:
     # -- one step -------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        # Blocks named for a step that neither `update` nor `fail` closed (it was interrupted): their
+        # KV may never have been written.
+        self.kv.settle(computed=False)
         self._step += 1
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -221,10 +224,10 @@ class Scheduler:
             if not self.kv.allocate(req.request_id, cached + n, reserve, prefix):
                 return  # out of KV memory: nobody else fits either
             req.num_computed_tokens = cached
-            if not req.num_preemptions:  # what its usage reports: a preempted one may find its own blocks
+            if not req.num_preemptions:  # a preempted request coming back may find its own blocks
                 req.num_cached_tokens = cached
-            self.num_queried_tokens += len(tokens)
-            self.num_cached_tokens += cached
+                self.num_queried_tokens += len(tokens)
+                self.num_cached_tokens += cached
             self.queues[adapter].popleft()
             self._drop_if_empty(adapter)
             req.status = Status.RUNNING
@@ -328,8 +331,9 @@ class Scheduler:
             # The KV of the known tokens and of the kept guesses is valid; the rest is overwritten
             # when those positions are computed again.
             req.num_computed_tokens += chunk.num_tokens - len(chunk.draft) + len(tokens) - 1
-            if chunk.draft:  # blocks the kept guesses filled
-                self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if chunk.draft:  # blocks the kept guesses filled (the guesses are not in the request yet)
+                fed = req.all_token_ids + chunk.draft[: len(tokens) - 1]
+                self.kv.commit(req.request_id, req.num_computed_tokens, lambda: fed)  # noqa: B023 - called at once
             self.num_draft_tokens += len(chunk.draft)
             self.num_accepted_tokens += len(tokens) - 1
             if req.first_token_time is None:
@@ -352,7 +356,7 @@ class Scheduler:
         draft = draft or []
         samples = start + n - len(draft) == req.num_tokens
         # Guesses are not known tokens: their blocks are named once the step has verified them.
-        self.kv.commit(req.request_id, req.all_token_ids, start + n - len(draft), in_flight=True)
+        self.kv.commit(req.request_id, start + n - len(draft), lambda: req.all_token_ids, in_flight=True)
         return ScheduledChunk(req, start, n, self.kv.block_table(req.request_id), samples, slot, draft)
 
     def _draft(self, req: Request, budget: int) -> list[int]:

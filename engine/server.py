@@ -194,6 +194,17 @@ def authorize(request: web.Request, adapter_id: str) -> None:
         raise ApiError(403, str(e), type="permission_error", code="forbidden") from None
 
 
+def cache_salt(request: web.Request, req: GenerationRequest) -> str | None:
+    """The salt the prefix cache keys this request's KV under. With API keys on, requests share
+    cached blocks only within one tenant (the namespaces its key may use), whatever salt they
+    bring: others cannot learn from `cached_tokens` or timings that a tenant sent a prompt."""
+    scope = request.get(SCOPE)
+    if scope is None:
+        return req.cache_salt
+    tenant = "*" if scope.namespaces is None else ",".join(sorted(scope.namespaces))
+    return f"{tenant}\0{req.cache_salt or ''}"  # namespaces hold no NUL: the pair stays unambiguous
+
+
 def refuse_if_unavailable(app: web.Application) -> None:
     """503 while draining, 429 when the queue is full."""
     state, config = app[STATE], app[CONFIG]
@@ -352,7 +363,7 @@ async def generation(request: web.Request, api: str, stream: bool = False) -> we
     prompt_ids = await tokenize(app, req)
     params = sampling_params(app, req, len(prompt_ids))
     async with admitted(app):
-        run = Run(app, req, prompt_ids, params, adapter_id, arrival)
+        run = Run(app, req, prompt_ids, params, adapter_id, cache_salt(request, req), arrival)
         try:
             return await (stream_response(request, run) if req.stream else full_response(run))
         finally:
@@ -442,7 +453,7 @@ class Run:
 
     def __init__(
         self, app: web.Application, req: GenerationRequest, prompt_ids: list[int], params: SamplingParams,
-        adapter_id: str | None, arrival: float,
+        adapter_id: str | None, salt: str | None, arrival: float,
     ) -> None:  # fmt: skip
         self.app, self.req, self.arrival = app, req, arrival
         prefix = {"completions": "cmpl", "chat": "chatcmpl", "generate": "gen"}[req.api]
@@ -458,7 +469,7 @@ class Run:
         self.refused = False  # by the engine (invalid, or not running): not measured, it never ran
         timeout = app[CONFIG].request_timeout_s
         self.deadline = asyncio.get_running_loop().time() + timeout - (time.monotonic() - arrival)
-        stream = app[ENGINE].generate(prompt_ids, params, adapter_id, self.result.id, req.cache_salt)
+        stream = app[ENGINE].generate(prompt_ids, params, adapter_id, self.result.id, salt)
         self._stream = cast("AsyncGenerator[RequestOutput, None]", stream)  # an async generator
 
     async def next(self) -> RequestOutput:

@@ -98,6 +98,7 @@ def test_a_shared_prompt_start_is_computed_once():
     ]
     assert b.num_cached_tokens == 8 and c.num_cached_tokens == 4
     assert s.num_cached_tokens == 12 and s.num_queried_tokens == 12 + 11 + 8
+    assert s.kv.lookup([*system, 3], b.cache_key).blocks == s.kv.block_table("b")[:2]
     assert s.kv.block_table("b")[:2] == [*s.kv.block_table("c")[:1], s.kv.block_table("b")[1]]
     assert_blocks_accounted(s)
     run_all(s, model)
@@ -166,6 +167,21 @@ def test_generated_tokens_are_cached_too():
     assert turn2.num_cached_tokens == 12  # 13 known tokens: 3 full blocks computed by turn 1
 
 
+def test_blocks_filled_by_kept_guesses_are_named_by_their_tokens():
+    s, model = make(spec=3), FakeModel()
+    # The model says 7 again and again, so guesses are kept; with 6 prompt tokens, some kept guess
+    # completes a block before the request holds it as a token.
+    first = req("first", [7] * 6, max_tokens=20)
+    s.add(first)
+    run_all(s, model)
+    assert s.num_accepted_tokens > 0
+    n = first.num_tokens
+    turn2 = req("turn2", [*first.all_token_ids, 9])
+    s.add(turn2)
+    step(s, model)
+    assert turn2.num_cached_tokens == (n - 1) // BS * BS  # all but the unsampled last token's block
+
+
 def test_cached_blocks_are_evicted_least_recently_freed_first_and_only_when_needed():
     s, model = make(num_blocks=6), FakeModel()
     s.add(req("a", [1] * 9, max_tokens=1))  # blocks: [1,1,1,1] [1,1,1,1] [1 + output]
@@ -204,13 +220,15 @@ def test_a_preempted_request_finds_its_own_blocks_again():
     a, b = req("a", list(range(1, 10)), max_tokens=12), req("b", list(range(50, 59)), max_tokens=12)
     s.add(a)
     s.add(b)
-    preempted = []
+    preempted, restarts = [], []
     while s.has_work():
         out = step(s, model)
+        restarts += [c.start for c in out.chunks if c.request in preempted]
         preempted += out.preempted
         assert_blocks_accounted(s)
     assert b in preempted
-    assert s.num_cached_tokens > 0  # b's computed blocks outlived its preemption
+    assert restarts and restarts[0] > 0  # b's computed blocks outlived its preemption
+    assert s.num_cached_tokens == 0  # the metrics count first admissions only
 
 
 def test_reset_forgets_only_blocks_nobody_uses():

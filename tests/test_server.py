@@ -382,6 +382,26 @@ async def test_api_keys_and_namespaces(start_server, caplog):
         assert key not in caplog.text
 
 
+async def test_tenants_do_not_share_cached_kv_of_the_base_model(start_server):
+    keys = ApiKeys.parse(f"{FULL_KEY}\n{ACME_KEY} acme\nsk-acme-second-key-42 acme\n", "keys.txt")
+    srv = await start_server(ServerConfig(served_model_name=MODEL_NAME, api_keys=keys))
+    prompt = f"{uuid.uuid4().hex} is a prompt only these requests send, long enough for some blocks."
+    body = M | {"prompt": prompt, "max_tokens": 2}
+
+    async def cached(key: str, extra: dict | None = None) -> int:
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s,
+            s.post(f"{srv.url}/v1/completions", json=body | (extra or {})) as r,
+        ):
+            assert r.status == 200
+            return (await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert await cached(ACME_KEY) == 0
+    assert await cached(FULL_KEY) == 0  # another tenant: no hit, so no sign that acme sent it
+    assert await cached("sk-acme-second-key-42") > 0  # the same tenant's other key shares
+    assert await cached(ACME_KEY, {"cache_salt": "mine"}) == 0  # a salt narrows it further
+
+
 def test_cli_options_and_env_keys(monkeypatch, tmp_path):
     import argparse
 
