@@ -33,7 +33,9 @@ class EngineSnapshot:
     waiting_adapters: frozenset[str]
     num_draft_tokens: int = 0  # speculative guesses computed since start
     num_accepted_tokens: int = 0  # ... and kept
-    num_queried_tokens: int = 0  # tokens of admitted requests looked up in the prefix cache, since start
+    num_queried_tokens: int = (
+        0  # prompt tokens of admitted requests looked up in the prefix cache, since start
+    )
     num_cached_tokens: int = 0  # ... and found there
 
 
@@ -158,7 +160,7 @@ class Metrics:
         )
         # Prefix caching: hits / queries is the hit rate (vLLM's prefix_cache_* counters).
         self.prefix_queries = Counter(
-            "lorafleet_prefix_cache_queries", "Tokens of admitted requests looked up in the prefix cache",
+            "lorafleet_prefix_cache_queries", "Prompt tokens of admitted requests looked up in the prefix cache",
             registry=r,
         )  # fmt: skip
         self.prefix_hits = Counter(

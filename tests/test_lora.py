@@ -63,19 +63,23 @@ def peft_reference(base_dir: Path, adapter_dir: Path | None, prompts: list[list[
     return outs
 
 
-@pytest.mark.parametrize("slots", [8, 3])
-def test_mixed_adapter_batch_matches_peft_adapter_by_adapter(tiny_llama_dir, adapter_dirs, slots):
-    eng = LLMEngine(
+def lora_engine(model_dir: Path, adapter_dirs: dict[str, Path], slots: int = 8) -> LLMEngine:
+    return LLMEngine(
         EngineConfig(
-            model=str(tiny_llama_dir),
+            model=str(model_dir),
             max_model_len=128,
             cache=CacheConfig(block_size=4, kv_cache_bytes=2 << 20),
             scheduler=SchedulerConfig(max_num_batched_tokens=48, max_num_seqs=16),
             lora=LoRAConfig(max_loras=slots, max_rank=16),
         ),
-        model_dir=tiny_llama_dir,
-        adapters=served(tiny_llama_dir, next(iter(adapter_dirs.values())).parent.parent),
+        model_dir=model_dir,
+        adapters=served(model_dir, next(iter(adapter_dirs.values())).parent.parent),
     )
+
+
+@pytest.mark.parametrize("slots", [8, 3])
+def test_mixed_adapter_batch_matches_peft_adapter_by_adapter(tiny_llama_dir, adapter_dirs, slots):
+    eng = lora_engine(tiny_llama_dir, adapter_dirs, slots)
     prompts = [eng.tokenizer.encode(t) for t in TEXTS]
     names: list[str | None] = [*adapter_dirs, None]
     reqs = []
@@ -101,16 +105,7 @@ def test_mixed_adapter_batch_matches_peft_adapter_by_adapter(tiny_llama_dir, ada
 def test_prefix_cache_shares_kv_only_within_one_adapter(tiny_llama_dir, adapter_dirs):
     """The same prompt under every adapter and the base model, twice: the second round reuses
     each adapter's own blocks (LoRA on q/k/v/o changes them) and still matches PEFT."""
-    eng = LLMEngine(
-        EngineConfig(
-            model=str(tiny_llama_dir),
-            max_model_len=128,
-            cache=CacheConfig(block_size=4, kv_cache_bytes=2 << 20),
-            lora=LoRAConfig(max_loras=8, max_rank=16),
-        ),
-        model_dir=tiny_llama_dir,
-        adapters=served(tiny_llama_dir, next(iter(adapter_dirs.values())).parent.parent),
-    )
+    eng = lora_engine(tiny_llama_dir, adapter_dirs)
     prompt = eng.tokenizer.encode(" ".join(TEXTS))
     names: list[str | None] = [*adapter_dirs, None]
     for round in range(2):
