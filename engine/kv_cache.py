@@ -5,12 +5,15 @@ used by one or more requests (counted), and `free()` is the only way to stop usi
 
 With prefix caching on, every full block whose KV has been (or is being) computed is also named
 by a hash of its tokens, of every token before it and of the request's cache key (its adapter:
-LoRA changes the keys and values; and an optional salt). A new request whose prompt starts with the same blocks under the same key
-shares them instead of computing them again: chat requests with one system prompt, turns of one
-conversation, a preempted request coming back. A cached block whose last user is gone stays
-cached while it waits in the free list, and is evicted (its hash forgotten) only when its memory
-is handed out again, least recently freed first. Cached blocks are full and never written again:
-a request writes only at positions past its cached prefix, into blocks of its own.
+LoRA changes the keys and values; and an optional salt). A new request whose prompt starts with
+the same blocks under the same key shares them instead of computing them again: chat requests
+with one system prompt, turns of one conversation, a preempted request coming back. Where its
+prompt then parts from a cached block mid-way, it copies that block's first tokens into a block
+of its own (the scheduler asks the runner for the copy), so sharing is by token, not by block.
+A cached block whose last user is gone stays cached while it waits in the free list, and is
+evicted (its hash forgotten) only when its memory is handed out again, least recently freed
+first. Cached blocks are full and never written again: a request writes only at positions past
+its cached prefix, into blocks of its own.
 """
 
 from __future__ import annotations
@@ -42,11 +45,15 @@ def root_hash(key: str) -> bytes:
 
 @dataclass
 class CachedPrefix:
-    """The leading blocks of a token sequence that are cached, found by `KVCacheManager.lookup`."""
+    """What of a token sequence's start is cached, found by `KVCacheManager.lookup`: leading full
+    blocks to share, then maybe the first tokens of one more block, to copy."""
 
     key: str
     blocks: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # one per block
+    copy_from: int | None = None  # a cached block that starts with the tokens after `blocks`
+    copy_tokens: int = 0  # ... how many of them (less than a block)
+    num_tokens: int = 0  # tokens whose KV the request need not compute: blocks, then copy_tokens
 
 
 class KVCacheManager:
@@ -66,7 +73,11 @@ class KVCacheManager:
         self._hashes: dict[str, list[bytes]] = {}  # request -> hashes of its leading full blocks
         self._block_of: dict[bytes, int] = {}  # cached blocks by hash
         self._hash_of: dict[int, bytes] = {}  # ... and the other way round
-        self._in_flight: list[int] = []  # blocks named for the running step, before their KV exists
+        # The first 1 to block_size - 1 tokens of cached blocks, by hash (as a full block's, over
+        # fewer tokens): a request whose prompt parts from a cached block mid-way copies its start.
+        self._partial: dict[bytes, int] = {}
+        self._partials_of: dict[int, list[bytes]] = {}  # block -> its entries in _partial
+        self._in_flight: set[int] = set()  # blocks named for the running step, before their KV exists
 
     @property
     def num_free_blocks(self) -> int:
@@ -93,20 +104,30 @@ class KVCacheManager:
         return self._tables.get(request_id, [])
 
     def lookup(self, tokens: Sequence[int], key: str) -> CachedPrefix:
-        """The longest run of leading full blocks of `tokens` cached under `key`. It stops one
-        token short of the end, so that a request always computes its last token (the step samples
-        from it). Changes nothing: `allocate(..., prefix=)` takes the blocks."""
+        """The longest cached start of `tokens` under `key`: a run of full blocks, then the most
+        tokens that a cached block following them starts with (the caller copies their KV into
+        a block of its own). It stops one token short of the end, so that a request always
+        computes its last token (the step samples from it). Changes nothing: `allocate(...,
+        prefix=)` takes the blocks."""
         prefix = CachedPrefix(key)
         if not self.prefix_caching:
             return prefix
-        parent, bs = root_hash(key), self.block_size
-        for i in range((len(tokens) - 1) // bs):
-            parent = block_hash(parent, tokens[i * bs : (i + 1) * bs])
-            block = self._block_of.get(parent)
+        parent, bs, known = root_hash(key), self.block_size, len(tokens) - 1
+        for i in range(known // bs):
+            h = block_hash(parent, tokens[i * bs : (i + 1) * bs])
+            block = self._block_of.get(h)
             if block is None:
                 break
             prefix.blocks.append(block)
-            prefix.hashes.append(parent)
+            prefix.hashes.append(h)
+            parent = h
+        start = len(prefix.blocks) * bs
+        for n in range(min(bs - 1, known - start), 0, -1):
+            block = self._partial.get(block_hash(parent, tokens[start : start + n]))
+            if block is not None and block not in self._in_flight:  # its KV is written
+                prefix.copy_from, prefix.copy_tokens = block, n
+                break
+        prefix.num_tokens = start + prefix.copy_tokens
         return prefix
 
     def can_allocate(
@@ -137,9 +158,7 @@ class KVCacheManager:
         table = self._tables.setdefault(request_id, [])
         for _ in range(self.blocks_for(num_tokens) - len(table)):
             block, _ = self._free.popitem(last=False)
-            evicted = self._hash_of.pop(block, None)
-            if evicted is not None:
-                del self._block_of[evicted]
+            self._forget(block)
             self._refs[block] = 1
             table.append(block)
         return True
@@ -170,29 +189,45 @@ class KVCacheManager:
         known = tokens()
         parent = hashes[-1] if hashes else root_hash(key)
         for i in range(len(hashes), min(full, len(known) // bs)):
-            parent = block_hash(parent, known[i * bs : (i + 1) * bs])
-            hashes.append(parent)
+            block_tokens = known[i * bs : (i + 1) * bs]
+            name = block_hash(parent, block_tokens)
+            hashes.append(name)
             block = table[i]
             # A block computed twice (two requests with one prompt in one step) is cached once.
-            if parent not in self._block_of and block not in self._hash_of:
-                self._block_of[parent] = block
-                self._hash_of[block] = parent
+            if name not in self._block_of and block not in self._hash_of:
+                self._name(block, name, parent, block_tokens)
                 if in_flight:
-                    self._in_flight.append(block)
+                    self._in_flight.add(block)
+            parent = name
 
     def settle(self, computed: bool) -> None:
         """The step ended. If it failed, the blocks named in flight hold no valid KV: forget them."""
         for block in self._in_flight if not computed else ():
-            evicted = self._hash_of.pop(block, None)
-            if evicted is not None:
-                del self._block_of[evicted]
+            self._forget(block)
         self._in_flight.clear()
+
+    def _name(self, block: int, name: bytes, parent: bytes, tokens: Sequence[int]) -> None:
+        self._block_of[name] = block
+        self._hash_of[block] = name
+        partials = self._partials_of[block] = []
+        for n in range(1, self.block_size):
+            h = block_hash(parent, tokens[:n])
+            if self._partial.setdefault(h, block) == block:
+                partials.append(h)
+
+    def _forget(self, block: int) -> None:
+        name = self._hash_of.pop(block, None)
+        if name is None:
+            return
+        del self._block_of[name]
+        for h in self._partials_of.pop(block):  # only the entries it made (setdefault in _name)
+            del self._partial[h]
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no request uses (a benchmark's rounds start cold)."""
         for block in list(self._hash_of):
             if self._refs[block] == 0:
-                del self._block_of[self._hash_of.pop(block)]
+                self._forget(block)
 
     def free(self, request_id: str) -> None:
         self._keys.pop(request_id, None)

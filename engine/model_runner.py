@@ -171,6 +171,11 @@ class ModelRunner:
         # Each adapter's tokens form one contiguous segment; base-model tokens come first.
         chunks = sorted(out.chunks, key=lambda c: -1 if c.slot is None else c.slot)
         inputs, sample_rows, sampling = self._prepare(chunks)
+        for src, dst, n in out.copies:  # before the step: nothing has written `src` since it was cached
+            for layer in self.model.model.decoder_layers():
+                attn = layer.self_attn
+                attn.k_cache[dst, :n] = attn.k_cache[src, :n]
+                attn.v_cache[dst, :n] = attn.v_cache[src, :n]
         hidden = self.model(inputs)
         if not sample_rows:
             return {}

@@ -83,6 +83,9 @@ class SchedulerOutput:
     # (slot, adapter, weights from AdapterPort.get) to fill before running
     slot_loads: list[tuple[int, str, Any]] = field(default_factory=list)
     failed: list[tuple[Request, AdapterFailure]] = field(default_factory=list)  # ended: their adapter failed
+    # (source block, destination block, tokens): KV to copy before the step runs, the first
+    # tokens of a cached block that a new request's prompt starts with (see kv_cache.lookup)
+    copies: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -218,12 +221,15 @@ class Scheduler:
             req = self.queues[adapter][0]
             tokens = req.all_token_ids
             prefix = self.kv.lookup(tokens, req.cache_key)  # waiting requests have nothing computed
-            cached = len(prefix.blocks) * self.kv.block_size
+            cached = prefix.num_tokens
             n = min(len(tokens) - cached, budget)
             reserve = self._reserve if self.running else 0  # an empty batch may use every block
             if not self.kv.allocate(req.request_id, cached + n, reserve, prefix):
                 return  # out of KV memory: nobody else fits either
             req.num_computed_tokens = cached
+            if prefix.copy_from is not None:
+                own = self.kv.block_table(req.request_id)[len(prefix.blocks)]
+                out.copies.append((prefix.copy_from, own, prefix.copy_tokens))
             if not req.num_preemptions:  # a preempted request coming back may find its own blocks
                 req.num_cached_tokens = cached
                 self.num_queried_tokens += len(tokens)

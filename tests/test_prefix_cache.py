@@ -42,7 +42,10 @@ class FakeModel:
     def __init__(self) -> None:
         self.cache: dict[tuple[int, int], tuple] = {}  # (block, offset) -> what its KV depends on
 
-    def run(self, chunks: list[ScheduledChunk]) -> None:
+    def run(self, chunks: list[ScheduledChunk], copies: list[tuple[int, int, int]] = ()) -> None:
+        for src, dst, n in copies:
+            for off in range(n):
+                self.cache[(dst, off)] = self.cache.get((src, off))
         for c in chunks:
             for p, kv in self._kv(c).items():
                 if p >= c.start:
@@ -60,7 +63,7 @@ class FakeModel:
 
 def step(s: Scheduler, model: FakeModel, token=lambda r: 7):
     out = s.schedule()
-    model.run(out.chunks)
+    model.run(out.chunks, out.copies)
     s.update(
         out, {c.request.request_id: [token(c.request)] * (len(c.draft) + 1) for c in out.chunks if c.samples}
     )
@@ -80,26 +83,37 @@ def assert_blocks_accounted(s: Scheduler) -> None:
     assert len(used) + s.kv.num_free_blocks == s.kv.num_blocks
 
 
+def a_third_block(s: Scheduler, system: list[int]) -> int | None:
+    """The cached block that starts with system[8:10] (a's third block)."""
+    return s.kv.lookup([*system, 0, 0, 0], req("probe", []).cache_key).copy_from
+
+
 def test_a_shared_prompt_start_is_computed_once():
     s, model = make(), FakeModel()
     system = list(range(100, 110))  # 10 tokens: two full blocks and a half
     a = req("a", [*system, 1, 2])
     s.add(a)
     run_all(s, model)
+    a_blocks = s.kv.block_table("a")
+    assert a_blocks == []  # a is done: its blocks wait, cached, in the free list
     b, c = req("b", [*system, 3]), req("c", system[:8])
     s.add(b)
     s.add(c)
     out = step(s, model)
-    # b reuses both full blocks; c's prompt is exactly those 8 tokens, but its last token is
-    # computed again (the step samples from it), so it reuses only the first block.
+    # b shares both full blocks of the system prompt and copies the first 2 tokens of a's third
+    # block into one of its own. c's prompt is exactly the 8 tokens of two blocks, but its last
+    # token is computed again (the step samples from it): it shares the first block and copies
+    # 3 tokens of the second.
     assert [(ch.request.request_id, ch.start, ch.num_tokens) for ch in out.chunks] == [
-        ("b", 8, 3),
-        ("c", 4, 4),
+        ("b", 10, 1),
+        ("c", 7, 1),
     ]
-    assert b.num_cached_tokens == 8 and c.num_cached_tokens == 4
-    assert s.num_cached_tokens == 12 and s.num_queried_tokens == 12 + 11 + 8
-    assert s.kv.lookup([*system, 3], b.cache_key).blocks == s.kv.block_table("b")[:2]
-    assert s.kv.block_table("b")[:2] == [*s.kv.block_table("c")[:1], s.kv.block_table("b")[1]]
+    tb, tc = s.kv.block_table("b"), s.kv.block_table("c")
+    assert tc[0] == tb[0] and tb[1] not in tc
+    assert sorted(out.copies) == sorted([(tb[1], tc[1], 3), (a_third_block(s, system), tb[2], 2)])
+    assert b.num_cached_tokens == 10 and c.num_cached_tokens == 7
+    assert s.num_cached_tokens == 17 and s.num_queried_tokens == 12 + 11 + 8
+    assert s.kv.lookup([*system, 3], b.cache_key).blocks == tb[:2]
     assert_blocks_accounted(s)
     run_all(s, model)
     assert s.kv.num_free_blocks == s.kv.num_blocks
@@ -112,7 +126,10 @@ def test_requests_in_one_step_share_the_blocks_it_computes():
     for r in (a, b, c):
         s.add(r)
     out = step(s, model)  # FakeModel: b reads blocks that a writes in this very step
+    # ... but nobody copies from a block before its KV is written: b and c compute the tokens
+    # after the blocks they share.
     assert [(ch.start, ch.num_tokens) for ch in out.chunks] == [(0, 11), (8, 3), (4, 3)]
+    assert out.copies == []
     assert (
         s.kv.block_table("b")[:2]
         == s.kv.block_table("a")[:2]
@@ -197,6 +214,22 @@ def test_cached_blocks_are_evicted_least_recently_freed_first_and_only_when_need
     s.add(late_a)
     step(s, model)
     assert late_a.num_cached_tokens == 0 and late_b.num_cached_tokens == 8
+
+
+def test_an_evicted_block_is_no_source_to_copy_from():
+    s, model = make(num_blocks=3), FakeModel()
+    s.add(req("a", [1, 2, 3, 4, 5, 6], max_tokens=1))  # names its first block [1, 2, 3, 4]
+    run_all(s, model)
+    probe = [1, 2, 3, 9, 9]
+    assert s.kv.lookup(probe, "").copy_from is None  # another key
+    assert s.kv.lookup(probe, req("p", []).cache_key).copy_tokens == 3
+    s.add(req("hog", [7] * 9, max_tokens=1))  # takes all 3 blocks: a's cached one is evicted
+    run_all(s, model)
+    assert s.kv.lookup(probe, req("p", []).cache_key).copy_from is None
+    late = req("late", probe)
+    s.add(late)
+    step(s, model)
+    assert late.num_cached_tokens == 0
 
 
 def test_a_cached_block_in_use_is_never_evicted():

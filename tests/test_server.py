@@ -482,16 +482,18 @@ async def test_metrics_expose_the_inference_gateway_gauges(start_server):
 
 async def test_repeated_prompts_report_cached_tokens_and_salts_keep_them_apart(server, tiny_llm):
     prompt = "Serving many adapters over one base model keeps the matmuls wide."
-    cacheable = (
-        (len(tiny_llm.tokenizer.encode(prompt)) - 1) // 4 * 4
-    )  # full blocks of 4, before the last token
+    # All but the last token (the step samples from it): full blocks of 4, and the start of the
+    # block the first request filled with its prompt's end and its first outputs.
+    cacheable = len(tiny_llm.tokenizer.encode(prompt)) - 1
     url = f"{server.url}/v1/completions"
     salt = f"tenant-{uuid.uuid4().hex}"  # the engine is shared by every server test: start from a fresh key
     async with aiohttp.ClientSession() as s:
         before = await scrape_until(s, server.url, 0)
         cached, prompt_tokens = [], 0
         for body in ({"cache_salt": salt}, {"cache_salt": salt}, {"cache_salt": salt + "-other"}):
-            status, out = await post(s, url, M | {"prompt": prompt, "max_tokens": 2} | body)
+            status, out = await post(
+                s, url, M | {"prompt": prompt, "max_tokens": 6, "ignore_eos": True} | body
+            )
             assert status == 200, out
             cached.append(out["usage"]["prompt_tokens_details"]["cached_tokens"])
             prompt_tokens += out["usage"]["prompt_tokens"]
