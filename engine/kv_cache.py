@@ -155,6 +155,8 @@ class KVCacheManager:
                     del self._free[block]
                 self._refs[block] += 1
             self._tables[request_id] = list(prefix.blocks)
+            if prefix.copy_from is not None and self._refs[prefix.copy_from] == 0:
+                self._free.move_to_end(prefix.copy_from)  # just used (copied from): evict it last
         table = self._tables.setdefault(request_id, [])
         for _ in range(self.blocks_for(num_tokens) - len(table)):
             block, _ = self._free.popitem(last=False)

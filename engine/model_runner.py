@@ -171,7 +171,9 @@ class ModelRunner:
         # Each adapter's tokens form one contiguous segment; base-model tokens come first.
         chunks = sorted(out.chunks, key=lambda c: -1 if c.slot is None else c.slot)
         inputs, sample_rows, sampling = self._prepare(chunks)
-        for src, dst, n in out.copies:  # before the step: nothing has written `src` since it was cached
+        # Before the forward and in order: `src` may already be handed out again (even as `dst`),
+        # but nothing writes it before the forward does, and an earlier copy into it comes first.
+        for src, dst, n in out.copies:
             for layer in self.model.model.decoder_layers():
                 attn = layer.self_attn
                 attn.k_cache[dst, :n] = attn.k_cache[src, :n]

@@ -232,6 +232,20 @@ def test_an_evicted_block_is_no_source_to_copy_from():
     assert late.num_cached_tokens == 0
 
 
+def test_a_block_copied_from_counts_as_recently_used():
+    s, model = make(num_blocks=6), FakeModel()
+    for first in (1, 2):  # name [1, 1, 1, 1], then [2, 2, 2, 2]: the first is evicted first...
+        s.add(req(f"r{first}", [first] * 5, max_tokens=1))
+        run_all(s, model)
+    s.add(req("copier", [1, 1, 9], max_tokens=1))  # ... until a request copies from it
+    run_all(s, model)
+    uncached = s.kv.num_free_blocks - s.kv.num_cached_blocks
+    s.add(req("big", [3] * ((uncached + 1) * BS - 1), max_tokens=1))  # evicts one cached block
+    step(s, model)
+    key = req("p", []).cache_key
+    assert len(s.kv.lookup([1] * 5, key).blocks) == 1 and s.kv.lookup([2] * 5, key).blocks == []
+
+
 def test_a_cached_block_in_use_is_never_evicted():
     s, model = make(num_blocks=10), FakeModel()
     long = req("long", [1] * 9, max_tokens=11)  # 20 tokens: 5 blocks, held while it runs
