@@ -33,9 +33,7 @@ class EngineSnapshot:
     waiting_adapters: frozenset[str]
     num_draft_tokens: int = 0  # speculative guesses computed since start
     num_accepted_tokens: int = 0  # ... and kept
-    num_queried_tokens: int = (
-        0  # prompt tokens of admitted requests looked up in the prefix cache, since start
-    )
+    num_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
     num_cached_tokens: int = 0  # ... and found there
 
 

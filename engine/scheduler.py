@@ -15,8 +15,9 @@ and the waiting adapter takes it. Slots thus rotate like time slices, and with m
 than slots each still gets its share.
 A request starts computing after the longest start of its tokens found in the prefix cache
 (kv_cache.py): shared full blocks, then the first tokens of a cached block, copied. Each chunk
-names the blocks it fills, so requests admitted later, even in the same step, share them. When the KV cache is full, the newest running request is preempted and later
-recomputed (from what of it is still cached).
+names the blocks it fills, so requests admitted later, even in the same step, share them.
+When the KV cache is full, the newest running request is preempted and later recomputed (from
+what of it is still cached).
 With speculative decoding on, the decode of a greedy or unseeded sampled request may carry
 n-gram guesses of its next tokens (`ScheduledChunk.draft`, see speculative.py); `update` keeps
 the ones the model agreed with.
