@@ -99,6 +99,14 @@ def test_prompts_sharing_a_prefix_reuse_its_kv_and_equal_hf(tiny_model_dir, bloc
     assert off.scheduler.num_cached_tokens == 0
 
 
+def test_prefix_caching_flag():
+    from lorafleet.engine.cli import build_parser, engine_config
+
+    assert engine_config(build_parser().parse_args(["engine"])).cache.prefix_caching is True
+    args = build_parser().parse_args(["engine", "--no-prefix-caching", "--block-size", "32"])
+    assert engine_config(args).cache == CacheConfig(block_size=32, prefix_caching=False)
+
+
 def test_chat_template_and_text(tiny_llama_dir):
     eng = engine_for(tiny_llama_dir)
     ids = eng.encode_chat([{"role": "user", "content": "The quick brown fox"}])
